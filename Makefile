@@ -1,0 +1,51 @@
+# Multimodal LLM serving on Triton. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BUILD ?= build
+SPEC ?= build_engines/specs/tiny.toml
+PROFILE ?= cpu
+SPEC_NAME := $(shell sed -n 's/^name = "\(.*\)"/\1/p' $(SPEC))
+BUNDLE := $(BUILD)/bundles/$(SPEC_NAME)
+REPO ?= $(BUILD)/repo-$(PROFILE)-$(SPEC_NAME)
+SAMPLES := $(BUILD)/samples
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+PYTEST_ARGS ?=
+
+.PHONY: help setup build-engines samples serve embed test clean
+
+help: ## show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-15s %s\n", $$1, $$2}'
+	@echo "Variables: SPEC=$(SPEC) PROFILE=$(PROFILE) REPO=$(REPO) BUILD=$(BUILD)"
+
+setup: $(VENV)/.installed ## create .venv and install the pinned dependencies (Triton server included)
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+build-engines: setup ## build the bundle for SPEC and render the PROFILE repository into $(REPO)
+	$(PY) -m build_engines all --spec $(SPEC) --profile $(PROFILE) --build-dir $(BUILD)
+
+samples: setup ## write a sample image and audio clip into build/samples
+	$(PY) -m mmtriton.samples $(SAMPLES)
+
+serve: build-engines ## run tritonserver on $(REPO) in the foreground (HTTP 8000, gRPC 8001, metrics 8002)
+	$(PY) -m mmtriton.server --model-repository $(REPO) --work-dir $(BUILD)/server \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+embed: samples ## send the sample image and audio to a running server (make serve) and print the embeddings
+	$(PY) -m clients.embed --url localhost:$(GRPC_PORT) --image $(SAMPLES)/sample.jpg --audio $(SAMPLES)/sample.wav
+
+test: build-engines ## run the test suite (starts its own tritonserver on free ports)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf $(BUILD)

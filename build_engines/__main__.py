@@ -1,0 +1,68 @@
+"""``python -m build_engines``: build a model bundle and render a model repository.
+
+Examples:
+    python -m build_engines bundle --spec build_engines/specs/tiny.toml --out build/bundles/tiny-mm
+    python -m build_engines render --bundle build/bundles/tiny-mm --profile cpu --out build/repo-cpu-tiny-mm
+    python -m build_engines all --spec build_engines/specs/tiny.toml --profile cpu --build-dir build
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from build_engines.render import PROFILES, RenderError, render_repository
+from build_engines.spec import SpecError, load_spec
+
+LOGGER = logging.getLogger("build_engines")
+
+
+def _bundle(spec_path: Path, out: Path, force: bool) -> Path:
+    from build_engines.bundle import build_bundle  # torch import is slow; only when needed
+
+    spec = load_spec(spec_path)
+    return build_bundle(spec, out, force=force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="build_engines", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_bundle = sub.add_parser("bundle", help="build the model bundle a spec describes")
+    p_bundle.add_argument("--spec", type=Path, required=True)
+    p_bundle.add_argument("--out", type=Path, required=True)
+    p_bundle.add_argument("--force", action="store_true", help="rebuild even if the bundle is up to date")
+    p_render = sub.add_parser("render", help="render and check a model repository for a profile")
+    p_render.add_argument("--bundle", type=Path, required=True)
+    p_render.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    p_render.add_argument("--out", type=Path, required=True)
+    p_all = sub.add_parser("all", help="bundle, then render (folders named by spec and profile)")
+    p_all.add_argument("--spec", type=Path, required=True)
+    p_all.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    p_all.add_argument("--build-dir", type=Path, default=Path("build"))
+    p_all.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    started = time.monotonic()
+    try:
+        if args.command == "bundle":
+            _bundle(args.spec, args.out, args.force)
+        elif args.command == "render":
+            render_repository(args.bundle, args.out, args.profile)
+        else:
+            name = load_spec(args.spec).name
+            bundle = _bundle(args.spec, args.build_dir / "bundles" / name, args.force)
+            render_repository(bundle, args.build_dir / f"repo-{args.profile}-{name}", args.profile)
+    except (SpecError, RenderError, FileNotFoundError) as err:
+        LOGGER.error("%s", err)
+        return 2
+    LOGGER.info("done in %.1f s", time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

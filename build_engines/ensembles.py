@@ -1,0 +1,185 @@
+"""Ensemble wiring, described once as data and turned into Triton configs.
+
+Every ensemble is a list of :class:`Step` objects that map model tensors to
+ensemble tensors. Ensemble inputs are the tensors some step consumes and no
+step produces; their dtype and dims come from the consuming model's config, so
+the description never repeats a type. :func:`check_wiring` then verifies every
+ensemble in a rendered repository independently of how it was generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+
+@dataclass(frozen=True)
+class Step:
+    """One model call: ``inputs`` / ``outputs`` map model tensor -> ensemble tensor."""
+
+    model: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """An ensemble: its steps and the ensemble tensors it returns."""
+
+    name: str
+    steps: tuple[Step, ...]
+    outputs: tuple[str, ...]
+
+
+IMAGE_STEPS = (
+    Step("image_preprocess", {"image": "image"}, {"pixel_values": "_pixel_values"}),
+    Step("vision_encoder", {"pixel_values": "_pixel_values"}, {"embeddings": "image_embeddings"}),
+)
+AUDIO_STEPS = (
+    Step("audio_preprocess", {"audio": "audio"}, {"mfcc": "_mfcc", "mfcc_length": "_mfcc_length"}),
+    Step("audio_encoder", {"features": "_mfcc", "feature_length": "_mfcc_length"}, {"embeddings": "audio_embeddings"}),
+)
+
+# Raw bytes in, prompt-table rows out: the preprocessing + encoder stage on its own.
+ENSEMBLES: tuple[Ensemble, ...] = (
+    Ensemble("embed_image", IMAGE_STEPS, ("image_embeddings",)),
+    Ensemble("embed_audio", AUDIO_STEPS, ("audio_embeddings",)),
+    Ensemble("embed_image_audio", IMAGE_STEPS + AUDIO_STEPS, ("image_embeddings", "audio_embeddings")),
+)
+
+
+def _tensor(config: mc.ModelConfig, name: str, kind: str) -> mc.ModelInput | mc.ModelOutput | None:
+    for tensor in getattr(config, kind):
+        if tensor.name == name:
+            return tensor
+    return None
+
+
+def build_ensemble(ensemble: Ensemble, models: dict[str, mc.ModelConfig], max_batch_size: int) -> mc.ModelConfig:
+    """Turn an ensemble description into a full ``ModelConfig``.
+
+    Args:
+        ensemble: The description.
+        models: Configs of the composing models, by name.
+        max_batch_size: The ensemble's ``max_batch_size``.
+
+    Returns:
+        The ensemble config (platform ``ensemble``).
+
+    Raises:
+        KeyError: A step names a model or tensor the configs do not have.
+    """
+    config = mc.ModelConfig(name=ensemble.name, platform="ensemble", max_batch_size=max_batch_size)
+    produced = {tensor for step in ensemble.steps for tensor in step.outputs.values()}
+    seen: set[str] = set()
+    for step in ensemble.steps:
+        model = models[step.model]
+        for model_input, tensor in step.inputs.items():
+            if tensor in produced or tensor in seen:
+                continue
+            source = _tensor(model, model_input, "input")
+            if source is None:
+                raise KeyError(f"{ensemble.name}: {step.model} has no input {model_input!r}")
+            seen.add(tensor)
+            config.input.add(name=tensor, data_type=source.data_type, dims=list(source.dims), optional=source.optional)
+        for model_output, tensor in step.outputs.items():
+            if tensor not in ensemble.outputs:
+                continue
+            source = _tensor(model, model_output, "output")
+            if source is None:
+                raise KeyError(f"{ensemble.name}: {step.model} has no output {model_output!r}")
+            config.output.add(name=tensor, data_type=source.data_type, dims=list(source.dims))
+        config.ensemble_scheduling.step.add(
+            model_name=step.model, model_version=-1, input_map=step.inputs, output_map=step.outputs
+        )
+    return config
+
+
+def _dims_compatible(a: list[int], b: list[int]) -> bool:
+    return len(a) == len(b) and all(x == y or x == -1 or y == -1 for x, y in zip(a, b))
+
+
+def _dtype(value: int) -> str:
+    return mc.DataType.Name(value)
+
+
+def check_wiring(configs: dict[str, mc.ModelConfig]) -> list[str]:
+    """Check every ensemble in a repository against the models it calls.
+
+    Checks: each step's model exists; each mapped tensor exists in that model;
+    every required model input is fed; each ensemble tensor has one producer,
+    and the producer's dtype and dims match every consumer; every ensemble
+    output is produced with the declared dtype and dims; batching agrees.
+
+    Args:
+        configs: Every model config of the repository, by name.
+
+    Returns:
+        Human-readable problems; empty when the wiring is sound.
+    """
+    problems: list[str] = []
+    for ens in configs.values():
+        if ens.platform != "ensemble":
+            continue
+        where = f"ensemble {ens.name!r}"
+        # tensor name -> (dtype, dims, who)
+        sources: dict[str, tuple[int, list[int], str]] = {
+            t.name: (t.data_type, list(t.dims), "ensemble input") for t in ens.input
+        }
+        steps = list(ens.ensemble_scheduling.step)
+        for step in steps:
+            model = configs.get(step.model_name)
+            if model is None:
+                problems.append(f"{where}: step model {step.model_name!r} is not in the repository")
+                continue
+            if (model.max_batch_size > 0) != (ens.max_batch_size > 0):
+                problems.append(
+                    f"{where}: max_batch_size {ens.max_batch_size} but step {model.name!r} has {model.max_batch_size}"
+                )
+            for model_output, tensor in step.output_map.items():
+                out = _tensor(model, model_output, "output")
+                if out is None:
+                    problems.append(f"{where}: {model.name!r} has no output {model_output!r}")
+                    continue
+                if tensor in sources:
+                    problems.append(f"{where}: tensor {tensor!r} is produced twice ({sources[tensor][2]} and {model.name!r})")
+                sources[tensor] = (out.data_type, list(out.dims), f"{model.name}.{model_output}")
+        consumed: set[str] = set()
+        for step in steps:
+            model = configs.get(step.model_name)
+            if model is None:
+                continue
+            for model_input, tensor in step.input_map.items():
+                consumed.add(tensor)
+                inp = _tensor(model, model_input, "input")
+                if inp is None:
+                    problems.append(f"{where}: {model.name!r} has no input {model_input!r} (mapped from {tensor!r})")
+                    continue
+                if tensor not in sources:
+                    problems.append(f"{where}: tensor {tensor!r} feeding {model.name}.{model_input} is never produced")
+                    continue
+                dtype, dims, who = sources[tensor]
+                if dtype != inp.data_type:
+                    problems.append(
+                        f"{where}: {who} is {_dtype(dtype)} but {model.name}.{model_input} expects {_dtype(inp.data_type)}"
+                    )
+                if not _dims_compatible(dims, list(inp.dims)):
+                    problems.append(f"{where}: {who} has dims {dims} but {model.name}.{model_input} expects {list(inp.dims)}")
+            for inp in model.input:
+                if not inp.optional and inp.name not in step.input_map:
+                    problems.append(f"{where}: required input {model.name}.{inp.name} is not fed")
+        for out in ens.output:
+            if out.name not in sources:
+                problems.append(f"{where}: output {out.name!r} is never produced")
+                continue
+            dtype, dims, who = sources[out.name]
+            if dtype != out.data_type or not _dims_compatible(dims, list(out.dims)):
+                problems.append(
+                    f"{where}: output {out.name!r} is declared {_dtype(out.data_type)} {list(out.dims)} "
+                    f"but {who} gives {_dtype(dtype)} {dims}"
+                )
+        for inp in ens.input:
+            if inp.name not in consumed:
+                problems.append(f"{where}: input {inp.name!r} is not used by any step")
+    return problems

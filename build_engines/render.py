@@ -1,0 +1,236 @@
+"""Render the model repository for one profile from the templates in ``model_repository/``.
+
+Each ``model_repository/<model>/config.pbtxt`` is a template rendered with
+strict substitution: a ``${key}`` with no value is an error, never a leftover.
+Ensemble configs are generated from :mod:`build_engines.ensembles`. Every
+rendered config is parsed with Triton's ``model_config_pb2`` and the ensemble
+wiring is checked before any server sees the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from build_engines.ensembles import ENSEMBLES, Ensemble, build_ensemble, check_wiring
+from build_engines.spec import ModelSpec, spec_from_dict
+
+LOGGER = logging.getLogger(__name__)
+
+TEMPLATE_ROOT = Path(__file__).resolve().parent.parent / "model_repository"
+PREPROCESS_MODELS = ("image_preprocess", "audio_preprocess")
+ENCODER_MODELS = ("vision_encoder", "audio_encoder")
+
+
+class RenderError(RuntimeError):
+    """A template, a config or the ensemble wiring is wrong."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How one profile runs each kind of model."""
+
+    name: str
+    preprocess_backend: str
+    preprocess_kind: str
+    encoder_backend: str
+    encoder_kind: str
+    device_id: int | None
+
+
+PROFILES: dict[str, Profile] = {
+    "cpu": Profile("cpu", "python", "KIND_CPU", "python", "KIND_CPU", None),
+}
+
+
+def render_template(path: Path, values: dict[str, str]) -> str:
+    """Substitute ``${key}`` placeholders strictly.
+
+    Args:
+        path: Template file.
+        values: Placeholder values.
+
+    Returns:
+        The rendered text.
+
+    Raises:
+        RenderError: A placeholder has no value, or the template has a malformed ``$``.
+    """
+    template = string.Template(path.read_text())
+    try:
+        return template.substitute(values)
+    except KeyError as err:
+        raise RenderError(f"{path}: no value for placeholder ${{{err.args[0]}}}") from None
+    except ValueError as err:
+        raise RenderError(f"{path}: {err}") from None
+
+
+def parse_config(text: str, where: str) -> mc.ModelConfig:
+    """Parse a ``config.pbtxt`` with Triton's own protobuf schema.
+
+    Raises:
+        RenderError: The text is not a valid ``ModelConfig``.
+    """
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as err:
+        raise RenderError(f"{where}: not a valid Triton ModelConfig: {err}") from None
+
+
+def template_values(spec: ModelSpec, bundle: dict[str, Any], profile: Profile) -> dict[str, str]:
+    """Every placeholder value the templates may use, as strings."""
+    serving = spec.serving
+    values: dict[str, Any] = {
+        "max_batch_size": serving.max_batch_size,
+        "max_queue_delay_us": serving.max_queue_delay_us,
+        "preprocess_instances": serving.preprocess_instances,
+        "encoder_instances": serving.encoder_instances,
+        "preprocess_backend": profile.preprocess_backend,
+        "preprocess_kind": profile.preprocess_kind,
+        "encoder_backend": profile.encoder_backend,
+        "encoder_kind": profile.encoder_kind,
+        "dali_num_threads": 2,
+        "image_size": spec.vision.image_size,
+        "image_tokens": spec.vision.tokens_per_image,
+        "n_mfcc": spec.audio.n_mfcc,
+        "llm_hidden_size": bundle["llm_hidden_size"],
+    }
+    return {key: str(value) for key, value in values.items()}
+
+
+def preprocess_settings(spec: ModelSpec, model: str, profile: Profile, num_threads: int) -> dict[str, Any]:
+    """The ``preprocess.json`` a ``dali.py`` reads: constants from the spec plus the device."""
+    common = {"max_batch_size": spec.serving.max_batch_size, "num_threads": num_threads, "device_id": profile.device_id}
+    on_gpu = profile.device_id is not None
+    if model == "image_preprocess":
+        v = spec.vision
+        return {
+            **common,
+            "decoder_device": "mixed" if on_gpu else "cpu",
+            "image_size": v.image_size,
+            "mean": list(v.mean),
+            "std": list(v.std),
+            "max_bytes": v.max_bytes,
+            "max_pixels": v.max_pixels,
+        }
+    a = spec.audio
+    return {
+        **common,
+        "device": "gpu" if on_gpu else "cpu",
+        "sample_rate": a.sample_rate,
+        "n_fft": a.n_fft,
+        "hop_length": a.hop_length,
+        "n_mels": a.n_mels,
+        "n_mfcc": a.n_mfcc,
+        "preemphasis": a.preemphasis,
+        "cutoff_db": a.cutoff_db,
+        "norm_epsilon": a.norm_epsilon,
+        "max_bytes": a.max_bytes,
+        "max_seconds": a.max_seconds,
+        "max_frames": a.max_frames,
+    }
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def load_repository_configs(repo: Path) -> dict[str, mc.ModelConfig]:
+    """Parse every ``<model>/config.pbtxt`` of a rendered repository."""
+    configs = {}
+    for path in sorted(repo.glob("*/config.pbtxt")):
+        configs[path.parent.name] = parse_config(path.read_text(), str(path))
+    return configs
+
+
+def verify_repository(repo: Path) -> dict[str, mc.ModelConfig]:
+    """Parse every config and check the ensemble wiring of a rendered repository.
+
+    Raises:
+        RenderError: A config does not parse, a name does not match its folder,
+            or the wiring has problems (all of them are listed).
+    """
+    configs = load_repository_configs(repo)
+    problems = [f"{name}: config name is {c.name!r}" for name, c in configs.items() if c.name != name]
+    problems += check_wiring(configs)
+    if problems:
+        raise RenderError(f"{repo}: wiring check failed:\n  " + "\n  ".join(problems))
+    return configs
+
+
+def render_repository(
+    bundle_dir: Path,
+    out_dir: Path,
+    profile_name: str = "cpu",
+    *,
+    template_root: Path = TEMPLATE_ROOT,
+    ensembles: tuple[Ensemble, ...] = ENSEMBLES,
+) -> Path:
+    """Render a complete model repository for a bundle and a profile.
+
+    Args:
+        bundle_dir: A bundle built by :func:`build_engines.bundle.build_bundle`.
+        out_dir: Repository folder to (re)create.
+        profile_name: ``cpu`` (the only profile rendered so far).
+        template_root: Folder of model templates (tests point it at broken copies).
+        ensembles: Ensemble descriptions to generate.
+
+    Returns:
+        ``out_dir``, after every config parsed and the wiring check passed.
+
+    Raises:
+        RenderError: Unknown profile, a template problem, or a wiring problem.
+    """
+    if profile_name not in PROFILES:
+        raise RenderError(f"unknown profile {profile_name!r}; choose from {sorted(PROFILES)}")
+    profile = PROFILES[profile_name]
+    bundle = json.loads((bundle_dir / "bundle.json").read_text())
+    spec = spec_from_dict(bundle["spec"])
+    values = template_values(spec, bundle, profile)
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+    models: dict[str, mc.ModelConfig] = {}
+    for model in PREPROCESS_MODELS + ENCODER_MODELS:
+        src = template_root / model
+        text = render_template(src / "config.pbtxt", values)
+        config = parse_config(text, f"{src / 'config.pbtxt'} (rendered)")
+        models[model] = config
+        version = staging / model / "1"
+        version.mkdir(parents=True)
+        (staging / model / "config.pbtxt").write_text(text)
+        if model in PREPROCESS_MODELS:
+            shutil.copy2(src / "1" / "dali.py", version / "dali.py")
+            settings = preprocess_settings(spec, model, profile, int(values["dali_num_threads"]))
+            (version / "preprocess.json").write_text(json.dumps(settings, indent=2) + "\n")
+        else:
+            _link_or_copy(bundle_dir / model / "model.onnx", version / "model.onnx")
+        if config.backend == "python":
+            shutil.copy2(src / "1" / "model.py", version / "model.py")
+
+    for ensemble in ensembles:
+        config = build_ensemble(ensemble, models, spec.serving.max_batch_size)
+        (staging / ensemble.name / "1").mkdir(parents=True)
+        (staging / ensemble.name / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+    verify_repository(staging)
+    manifest = {"profile": profile.name, "spec": spec.name, "bundle": str(bundle_dir.resolve())}
+    (staging / "repository.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    LOGGER.info("rendered %s profile repository for %s into %s", profile.name, spec.name, out_dir)
+    return out_dir

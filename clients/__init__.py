@@ -1,0 +1,1 @@
+"""Clients for the multimodal Triton server (gRPC and HTTP)."""

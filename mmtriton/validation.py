@@ -1,0 +1,192 @@
+"""Checks on raw image and audio payloads before they reach a DALI batch.
+
+DALI fails a whole batch on one bad sample, and Triton's own size limits are
+far above what the encoders should see, so every payload is checked here
+first: it is not empty, not over the byte limit, in a supported container,
+its header is readable, its decoded size (pixels or seconds) is within the
+limit, and a WAV file holds all the data its header announces. Each failure is
+an :class:`InputError` whose message names the input and the limit.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+IMAGE_FORMATS = ("JPEG", "PNG", "WebP")
+AUDIO_FORMATS = ("WAV", "FLAC", "OGG")
+
+
+class InputError(ValueError):
+    """A request input is unusable; the message is meant for the client.
+
+    Attributes:
+        input_name: The request input the error is about.
+    """
+
+    def __init__(self, input_name: str, message: str) -> None:
+        super().__init__(f"input '{input_name}': {message}")
+        self.input_name = input_name
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header of an accepted image says."""
+
+    format: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What the header of an accepted audio clip says."""
+
+    format: str
+    sample_rate: int
+    channels: int
+    frames: int
+
+    @property
+    def seconds(self) -> float:
+        """Duration in seconds."""
+        return self.frames / self.sample_rate
+
+
+def as_bytes(payload: np.ndarray | bytes) -> bytes:
+    """Raw bytes of a payload sent as a UINT8 tensor (any shape) or as bytes."""
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    return np.ascontiguousarray(payload, dtype=np.uint8).tobytes()
+
+
+def sniff_image(data: bytes) -> str | None:
+    """Container format from the magic bytes, or None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
+def sniff_audio(data: bytes) -> str | None:
+    """Container format from the magic bytes, or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return "WAV"
+    if data[:4] == b"fLaC":
+        return "FLAC"
+    if data[:4] == b"OggS":
+        return "OGG"
+    return None
+
+
+def _check_size(name: str, data: bytes, max_bytes: int, kinds: str) -> None:
+    if not data:
+        raise InputError(name, f"empty payload (0 bytes); expected encoded {kinds} bytes")
+    if len(data) > max_bytes:
+        raise InputError(name, f"payload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+
+
+def check_image(payload: np.ndarray | bytes, *, max_bytes: int, max_pixels: int, name: str = "image") -> ImageInfo:
+    """Check an encoded image before decoding it.
+
+    Args:
+        payload: Encoded bytes.
+        max_bytes: Largest accepted payload.
+        max_pixels: Largest accepted width x height.
+        name: Request input name, used in error messages.
+
+    Returns:
+        Format and size read from the header.
+
+    Raises:
+        InputError: Empty, too large, not JPEG/PNG/WebP, unreadable header,
+            or more pixels than ``max_pixels``.
+    """
+    from PIL import Image  # header parsing only; pixels are decoded by DALI
+
+    data = as_bytes(payload)
+    kinds = "/".join(IMAGE_FORMATS)
+    _check_size(name, data, max_bytes, kinds)
+    fmt = sniff_image(data)
+    if fmt is None:
+        raise InputError(name, f"not a {kinds} image (unrecognized header {data[:8]!r})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+    except Image.DecompressionBombError:
+        raise InputError(name, f"image has more pixels than the limit of {max_pixels} pixels") from None
+    except Exception as err:  # PIL raises many types for broken headers
+        raise InputError(name, f"corrupt {fmt} header: {err}") from None
+    if width * height > max_pixels:
+        raise InputError(
+            name, f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} pixels"
+        )
+    return ImageInfo(fmt, width, height)
+
+
+def _wav_data_shortfall(data: bytes) -> int:
+    """Bytes missing from the WAV ``data`` chunk (0 when complete or no chunk found)."""
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk_id, size = struct.unpack_from("<4sI", data, pos)
+        if chunk_id == b"data":
+            available = len(data) - (pos + 8)
+            # 0xFFFFFFFF / 0 mark a streamed WAV of unknown length: nothing to compare.
+            if size in (0, 0xFFFFFFFF):
+                return 0
+            return max(0, size - available)
+        pos += 8 + size + (size & 1)
+    return 0
+
+
+def check_audio(
+    payload: np.ndarray | bytes, *, max_bytes: int, max_seconds: float, name: str = "audio"
+) -> AudioInfo:
+    """Check an encoded audio clip before decoding it.
+
+    Args:
+        payload: Encoded bytes.
+        max_bytes: Largest accepted payload.
+        max_seconds: Longest accepted duration.
+        name: Request input name, used in error messages.
+
+    Returns:
+        Format, sample rate, channels and frames read from the header.
+
+    Raises:
+        InputError: Empty, too large, not WAV/FLAC/OGG, unreadable header,
+            truncated WAV data, or longer than ``max_seconds``.
+    """
+    import soundfile  # header parsing only; samples are decoded by DALI
+
+    data = as_bytes(payload)
+    kinds = "/".join(AUDIO_FORMATS)
+    _check_size(name, data, max_bytes, kinds)
+    fmt = sniff_audio(data)
+    if fmt is None:
+        raise InputError(name, f"not a {kinds} audio file (unrecognized header {data[:8]!r})")
+    try:
+        info = soundfile.info(io.BytesIO(data))
+    except Exception as err:  # libsndfile reports every header problem as a RuntimeError
+        raise InputError(name, f"corrupt {fmt} header: {str(err).splitlines()[-1]}") from None
+    if info.samplerate <= 0 or info.channels <= 0:
+        raise InputError(name, f"corrupt {fmt} header: {info.samplerate} Hz, {info.channels} channels")
+    if fmt == "WAV":
+        missing = _wav_data_shortfall(data)
+        if missing:
+            raise InputError(name, f"truncated WAV: the data chunk is {missing} bytes shorter than its header says")
+    result = AudioInfo(fmt, int(info.samplerate), int(info.channels), int(info.frames))
+    if result.frames <= 0:
+        raise InputError(name, f"{fmt} audio holds no samples")
+    if result.seconds > max_seconds:
+        raise InputError(name, f"audio of {result.seconds:.2f} s exceeds the limit of {max_seconds:g} s")
+    return result

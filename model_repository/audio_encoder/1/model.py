@@ -1,0 +1,25 @@
+"""CPU-profile audio_encoder: the bundle's ONNX encoder on onnxruntime."""
+
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from mmtriton.encoding import encode_audio
+from mmtriton.onnx_runtime import OnnxEncoder
+
+
+class TritonPythonModel:
+    """Pads the requests of a dynamic batch to one length, masks, and trims each result."""
+
+    def initialize(self, args: dict) -> None:
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.encoder = OnnxEncoder(version_dir / "model.onnx")
+
+    def execute(self, requests: list) -> list:
+        features = [pb_utils.get_input_tensor_by_name(r, "features").as_numpy() for r in requests]
+        lengths = [int(pb_utils.get_input_tensor_by_name(r, "feature_length").as_numpy().reshape(-1)[0]) for r in requests]
+        return [
+            pb_utils.InferenceResponse([pb_utils.Tensor("embeddings", np.ascontiguousarray(emb)[None])])
+            for emb in encode_audio(self.encoder, features, lengths)
+        ]

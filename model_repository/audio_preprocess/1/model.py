@@ -1,0 +1,33 @@
+"""CPU-profile runner for audio_preprocess: the python backend builds 1/dali.py with device_id=None."""
+
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from mmtriton.preprocess import AudioPreprocessor
+from mmtriton.validation import InputError
+
+
+class TritonPythonModel:
+    """Checks each payload, then computes MFCC frames for the good ones as one DALI batch."""
+
+    def initialize(self, args: dict) -> None:
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.preprocess = AudioPreprocessor(version_dir / "dali.py")
+
+    def execute(self, requests: list) -> list:
+        payloads = [pb_utils.get_input_tensor_by_name(r, "audio").as_numpy().reshape(-1) for r in requests]
+        responses = []
+        for result in self.preprocess(payloads):
+            if isinstance(result, InputError):
+                error = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
+                continue
+            frames, length = result
+            outputs = [
+                pb_utils.Tensor("mfcc", np.ascontiguousarray(frames, dtype=np.float32)[None]),
+                pb_utils.Tensor("mfcc_length", length.astype(np.int32).reshape(1, 1)),
+            ]
+            responses.append(pb_utils.InferenceResponse(outputs))
+        return responses

@@ -1,0 +1,27 @@
+"""CPU-profile runner for image_preprocess: the python backend builds 1/dali.py with device_id=None."""
+
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from mmtriton.preprocess import ImagePreprocessor
+from mmtriton.validation import InputError
+
+
+class TritonPythonModel:
+    """Checks each payload, then decodes the good ones as one DALI batch."""
+
+    def initialize(self, args: dict) -> None:
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.preprocess = ImagePreprocessor(version_dir / "dali.py")
+
+    def execute(self, requests: list) -> list:
+        payloads = [pb_utils.get_input_tensor_by_name(r, "image").as_numpy().reshape(-1) for r in requests]
+        responses = []
+        for result in self.preprocess(payloads):
+            if isinstance(result, InputError):
+                error = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
+            else:
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("pixel_values", result[0][None])]))
+        return responses

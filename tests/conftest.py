@@ -1,0 +1,75 @@
+"""Shared fixtures: the tiny bundle, a rendered CPU repository and one real Triton server."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from build_engines.spec import ModelSpec, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC_PATH = ROOT / "build_engines" / "specs" / "tiny.toml"
+BUILD = Path(os.environ.get("MMTRITON_BUILD", ROOT / "build"))
+
+_failures: list[str] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        _failures.append(item.nodeid)
+
+
+@pytest.fixture(scope="session")
+def spec() -> ModelSpec:
+    return load_spec(SPEC_PATH)
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(spec: ModelSpec) -> Path:
+    """The tiny bundle (built once; reused while its spec is unchanged)."""
+    from build_engines.bundle import build_bundle
+
+    return build_bundle(spec, BUILD / "bundles" / spec.name)
+
+
+@pytest.fixture(scope="session")
+def cpu_repo(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly rendered CPU-profile repository."""
+    from build_engines.render import render_repository
+
+    return render_repository(bundle_dir, tmp_path_factory.mktemp("repo") / "repo-cpu", "cpu")
+
+
+@pytest.fixture(scope="session")
+def server(cpu_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator["TritonServer"]:
+    """One real ``tritonserver`` for the whole session, stopped by its own pid.
+
+    If any test failed, the tail of the server log is shown at the end.
+    """
+    from mmtriton.server import TritonServer
+
+    srv = TritonServer(
+        model_repository=cpu_repo,
+        work_dir=tmp_path_factory.mktemp("server"),
+        pythonpath=[ROOT],
+    )
+    srv.start()
+    try:
+        yield srv
+    finally:
+        alive = srv.process is not None and srv.process.poll() is None
+        srv.stop()
+        if _failures or not alive:
+            sys.stderr.write(f"\n--- tritonserver log ({srv.log_path}) ---\n{srv.log_tail(120)}\n")
+
+
+@pytest.fixture(scope="session")
+def grpc_url(server: "TritonServer") -> str:
+    return server.grpc_url

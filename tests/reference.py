@@ -1,0 +1,109 @@
+"""Independent reference implementations (PIL / numpy / scipy) of the preprocessing.
+
+They share no code with the DALI pipelines: the tests compare the two.
+"""
+
+from __future__ import annotations
+
+import io
+from math import gcd
+
+import numpy as np
+import soundfile
+from PIL import Image
+from scipy.signal import resample_poly
+
+
+def image_reference(data: bytes, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """PIL decode -> RGB -> bicubic resize of the shorter side -> center crop -> normalize, CHW float32."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = img.convert("RGB")
+    width, height = rgb.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    resized = rgb.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    # Crop offsets round half up, as DALI's crop_pos 0.5 does (Python's round() goes to even).
+    left, top = int(np.floor((new_w - size) / 2 + 0.5)), int(np.floor((new_h - size) / 2 + 0.5))
+    crop = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    normalized = (crop - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return normalized.transpose(2, 0, 1)
+
+
+def _hz_to_mel(freq: np.ndarray) -> np.ndarray:
+    # Slaney's scale: linear below 1 kHz, logarithmic above.
+    freq = np.asarray(freq, dtype=np.float64)
+    linear = freq / (200.0 / 3)
+    log_region = 15.0 + np.log(np.maximum(freq, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
+    return np.where(freq >= 1000.0, log_region, linear)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    linear = mel * (200.0 / 3)
+    log_region = 1000.0 * np.exp((np.log(6.4) / 27.0) * (mel - 15.0))
+    return np.where(mel >= 15.0, log_region, linear)
+
+
+def mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """Triangular filters on the Slaney mel scale, each with unit area, ``[n_mels, n_fft//2+1]``."""
+    bins = np.arange(n_fft // 2 + 1) * sample_rate / n_fft
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2.0), n_mels + 2))
+    filters = np.zeros((n_mels, bins.size))
+    for m in range(n_mels):
+        lo, center, hi = edges[m], edges[m + 1], edges[m + 2]
+        rising = (bins - lo) / (center - lo)
+        falling = (hi - bins) / (hi - center)
+        filters[m] = np.maximum(0.0, np.minimum(rising, falling)) * (2.0 / (hi - lo))
+    return filters
+
+
+def dct2_ortho(n_out: int, n_in: int) -> np.ndarray:
+    """Orthonormal DCT-II matrix ``[n_out, n_in]``."""
+    k = np.arange(n_out)[:, None]
+    n = np.arange(n_in)[None, :]
+    basis = np.cos(np.pi * k * (2 * n + 1) / (2 * n_in)) * np.sqrt(2.0 / n_in)
+    basis[0] /= np.sqrt(2.0)
+    return basis
+
+
+def decode_audio(data: bytes, sample_rate: int) -> np.ndarray:
+    """libsndfile decode, channel mean, polyphase resampling to ``sample_rate``."""
+    samples, rate = soundfile.read(io.BytesIO(data), dtype="float64", always_2d=True)
+    mono = samples.mean(axis=1)
+    if rate != sample_rate:
+        g = gcd(int(rate), int(sample_rate))
+        mono = resample_poly(mono, sample_rate // g, int(rate) // g)
+    return mono
+
+
+def mfcc_reference(
+    data: bytes,
+    *,
+    sample_rate: int,
+    n_fft: int,
+    hop_length: int,
+    n_mels: int,
+    n_mfcc: int,
+    preemphasis: float,
+    cutoff_db: float,
+    norm_epsilon: float,
+) -> np.ndarray:
+    """MFCC frames ``[T, n_mfcc]`` computed with numpy only, normalized per coefficient over time."""
+    x = decode_audio(data, sample_rate)
+    # Pre-emphasis with the first sample repeated before the start.
+    y = np.empty_like(x)
+    y[0] = x[0] * (1.0 - preemphasis)
+    y[1:] = x[1:] - preemphasis * x[:-1]
+    pad = n_fft // 2
+    padded = np.pad(y, pad, mode="reflect")
+    frames = 1 + y.size // hop_length
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    idx = np.arange(n_fft)[None, :] + hop_length * np.arange(frames)[:, None]
+    power = np.abs(np.fft.rfft(padded[idx] * window, axis=1)) ** 2  # [T, bins]
+    mel = power @ mel_filters(sample_rate, n_fft, n_mels).T  # [T, n_mels]
+    # Decibels relative to the clip's loudest bin, floored at cutoff_db.
+    log_mel = 10.0 * np.log10(np.maximum(mel / mel.max(), 10.0 ** (cutoff_db / 10.0)))
+    mfcc = log_mel @ dct2_ortho(n_mfcc, n_mels).T  # [T, n_mfcc]
+    mean = mfcc.mean(axis=0, keepdims=True)
+    var = mfcc.var(axis=0, keepdims=True)
+    return (mfcc - mean) / np.sqrt(var + norm_epsilon)
