@@ -1,9 +1,9 @@
 """Ensemble wiring, described once as data and turned into Triton configs.
 
-Every ensemble is a list of :class:`Step` objects that map model tensors to
-ensemble tensors. Ensemble inputs are the tensors some step consumes and no
-step produces; their dtype and dims come from the consuming model's config, so
-the description never repeats a type. :func:`check_wiring` then verifies every
+Every ensemble names its public inputs and outputs and lists :class:`Step`
+objects that map model tensors to ensemble tensors. The dtype and dims of the
+public tensors come from the model that consumes or produces them, so the
+description never repeats a type. :func:`check_wiring` then verifies every
 ensemble in a rendered repository independently of how it was generated.
 """
 
@@ -25,9 +25,10 @@ class Step:
 
 @dataclass(frozen=True)
 class Ensemble:
-    """An ensemble: its steps and the ensemble tensors it returns."""
+    """An ensemble: the tensors it takes, its steps, and the tensors it returns."""
 
     name: str
+    inputs: tuple[str, ...]
     steps: tuple[Step, ...]
     outputs: tuple[str, ...]
 
@@ -43,9 +44,11 @@ AUDIO_STEPS = (
 
 # Raw bytes in, prompt-table rows out: the preprocessing + encoder stage on its own.
 ENSEMBLES: tuple[Ensemble, ...] = (
-    Ensemble("embed_image", IMAGE_STEPS, ("image_embeddings",)),
-    Ensemble("embed_audio", AUDIO_STEPS, ("audio_embeddings",)),
-    Ensemble("embed_image_audio", IMAGE_STEPS + AUDIO_STEPS, ("image_embeddings", "audio_embeddings")),
+    Ensemble("embed_image", ("image",), IMAGE_STEPS, ("image_embeddings",)),
+    Ensemble("embed_audio", ("audio",), AUDIO_STEPS, ("audio_embeddings",)),
+    Ensemble(
+        "embed_image_audio", ("image", "audio"), IMAGE_STEPS + AUDIO_STEPS, ("image_embeddings", "audio_embeddings")
+    ),
 )
 
 
@@ -68,7 +71,8 @@ def build_ensemble(ensemble: Ensemble, models: dict[str, mc.ModelConfig], max_ba
         The ensemble config (platform ``ensemble``).
 
     Raises:
-        KeyError: A step names a model or tensor the configs do not have.
+        KeyError: A step names a model or tensor the configs do not have, or
+            consumes a tensor that is neither a declared input nor produced.
     """
     config = mc.ModelConfig(name=ensemble.name, platform="ensemble", max_batch_size=max_batch_size)
     produced = {tensor for step in ensemble.steps for tensor in step.outputs.values()}
@@ -78,6 +82,8 @@ def build_ensemble(ensemble: Ensemble, models: dict[str, mc.ModelConfig], max_ba
         for model_input, tensor in step.inputs.items():
             if tensor in produced or tensor in seen:
                 continue
+            if tensor not in ensemble.inputs:
+                raise KeyError(f"{ensemble.name}: {step.model}.{model_input} reads {tensor!r}, which no step produces")
             source = _tensor(model, model_input, "input")
             if source is None:
                 raise KeyError(f"{ensemble.name}: {step.model} has no input {model_input!r}")
@@ -179,6 +185,9 @@ def check_wiring(configs: dict[str, mc.ModelConfig]) -> list[str]:
                     f"{where}: output {out.name!r} is declared {_dtype(out.data_type)} {list(out.dims)} "
                     f"but {who} gives {_dtype(dtype)} {dims}"
                 )
+        for tensor, (_, _, who) in sources.items():
+            if who != "ensemble input" and tensor not in consumed and tensor not in {o.name for o in ens.output}:
+                problems.append(f"{where}: {who} goes to {tensor!r}, which nothing reads")
         for inp in ens.input:
             if inp.name not in consumed:
                 problems.append(f"{where}: input {inp.name!r} is not used by any step")

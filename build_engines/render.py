@@ -223,7 +223,10 @@ def render_repository(
             shutil.copy2(src / "1" / "model.py", version / "model.py")
 
     for ensemble in ensembles:
-        config = build_ensemble(ensemble, models, spec.serving.max_batch_size)
+        try:
+            config = build_ensemble(ensemble, models, spec.serving.max_batch_size)
+        except KeyError as err:
+            raise RenderError(f"ensemble description: {err.args[0]}") from None
         (staging / ensemble.name / "1").mkdir(parents=True)
         (staging / ensemble.name / "config.pbtxt").write_text(text_format.MessageToString(config))
 

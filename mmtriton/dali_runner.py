@@ -121,13 +121,16 @@ class DaliRunner:
                 results.extend(self._run_batch(chunk))
                 continue
             except RuntimeError as err:
-                LOGGER.warning("DALI batch of %d failed, retrying one by one: %s", len(chunk), _first_line(err))
                 self._rebuild()
+                if len(chunk) == 1:
+                    results.append(SampleError(_reason(err)))
+                    continue
+                LOGGER.warning("DALI batch of %d failed (%s); running its samples one by one", len(chunk), _reason(err))
             for sample in chunk:
                 try:
                     results.append(self._run_batch([sample])[0])
                 except RuntimeError as err:
-                    results.append(SampleError(_first_line(err)))
+                    results.append(SampleError(_reason(err)))
                     self._rebuild()
         return results
 
@@ -137,7 +140,10 @@ class DaliRunner:
         self._pipe = self._build()
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(("File ", "Critical error", "which was used", "Error in"))]
-    return (useful or lines or [type(err).__name__])[0][:300]
+def _reason(err: BaseException) -> str:
+    """The part of a DALI error after its pipeline traceback ("encountered: ...")."""
+    text = str(err)
+    if "encountered:" in text:
+        text = text.split("encountered:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "no longer valid" not in ln]
+    return (lines or [type(err).__name__])[0][:300]

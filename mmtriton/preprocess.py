@@ -22,11 +22,6 @@ from mmtriton.validation import InputError, check_audio, check_image, sniff_audi
 LOGGER = logging.getLogger(__name__)
 
 
-def _detail(err: SampleError) -> str:
-    text = str(err)
-    return text.split("encountered:", 1)[-1].strip() if "encountered:" in text else text
-
-
 class _Preprocessor:
     """Validate payloads, run the valid ones through a DALI pipeline, keep errors per request."""
 
@@ -82,7 +77,7 @@ class _Preprocessor:
             if isinstance(out, SampleError):
                 fmt = self._sniff(payloads[i]) or "data"
                 results[i] = InputError(
-                    self.input_name, f"could not decode the {fmt} data (corrupt or truncated): {_detail(out)}"
+                    self.input_name, f"could not decode the {fmt} data (corrupt or truncated): {out}"
                 )
             else:
                 try:

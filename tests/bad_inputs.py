@@ -1,0 +1,57 @@
+"""Deliberately broken payloads with the error text a client must see for each.
+
+The limits they exceed are the tiny spec's (``build_engines/specs/tiny.toml``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from build_engines.spec import ModelSpec
+from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+
+
+def _huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR announces width x height (the pixel data never follows)."""
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def bad_images(spec: ModelSpec) -> dict[str, tuple[bytes, str]]:
+    """name -> (payload, substring the error message must contain)."""
+    jpeg = encode_image(synthetic_image(120, 90), "JPEG")
+    png = encode_image(synthetic_image(120, 90), "PNG")
+    v = spec.vision
+    return {
+        "empty": (b"", "input 'image': empty payload"),
+        "text": (b"this is not an image at all", "input 'image': not a JPEG/PNG/WebP image"),
+        "wav_as_image": (encode_audio(synthetic_audio(16000, 0.1), 16000), "not a JPEG/PNG/WebP image"),
+        "truncated_jpeg": (jpeg[: len(jpeg) // 2], "input 'image': could not decode the JPEG data (corrupt or truncated)"),
+        "truncated_png": (png[: len(png) // 2], "input 'image': could not decode the PNG data (corrupt or truncated)"),
+        "corrupt_jpeg_header": (jpeg[:20] + bytes(200) + jpeg[220:], "input 'image': corrupt JPEG header"),
+        "too_many_pixels": (_huge_png_header(6000, 5000), f"exceeds the limit of {v.max_pixels} pixels"),
+        "too_many_bytes": (jpeg + bytes(v.max_bytes), f"exceeds the limit of {v.max_bytes} bytes"),
+    }
+
+
+def bad_audio(spec: ModelSpec) -> dict[str, tuple[bytes, str]]:
+    """name -> (payload, substring the error message must contain)."""
+    a = spec.audio
+    wav = encode_audio(synthetic_audio(16000, 1.0), 16000, "WAV")
+    flac = encode_audio(synthetic_audio(16000, 1.0), 16000, "FLAC")
+    too_long = encode_audio(synthetic_audio(8000, a.max_seconds + 1.0), 8000, "WAV")
+    return {
+        "empty": (b"", "input 'audio': empty payload"),
+        "text": (b"hello, this is plain text and no audio", "input 'audio': not a WAV/FLAC/OGG audio file"),
+        "jpeg_as_audio": (encode_image(synthetic_image(32, 32), "JPEG"), "not a WAV/FLAC/OGG audio file"),
+        "truncated_wav": (wav[: len(wav) // 2], "input 'audio': truncated WAV"),
+        "truncated_flac": (flac[: len(flac) // 2], "input 'audio': could not decode the FLAC data (corrupt or truncated)"),
+        "corrupt_header": (wav[:12] + b"\x00" * 40, "input 'audio': corrupt WAV header"),
+        "too_long": (too_long, f"exceeds the limit of {a.max_seconds:g} s"),
+        "too_many_bytes": (wav + bytes(a.max_bytes), f"exceeds the limit of {a.max_bytes} bytes"),
+    }

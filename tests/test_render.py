@@ -1,0 +1,101 @@
+"""Rendering: strict templates, Triton's protobuf schema, and the ensemble wiring check."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+
+from build_engines.ensembles import ENSEMBLES, Ensemble, Step, check_wiring
+from build_engines.render import TEMPLATE_ROOT, RenderError, load_repository_configs, render_repository
+
+
+@pytest.fixture()
+def templates(tmp_path: Path) -> Path:
+    """A private copy of the model templates that a test may break."""
+    dest = tmp_path / "templates"
+    shutil.copytree(TEMPLATE_ROOT, dest)
+    return dest
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_rendered_repository_is_complete(cpu_repo: Path) -> None:
+    configs = load_repository_configs(cpu_repo)
+    assert set(configs) == {
+        "image_preprocess",
+        "audio_preprocess",
+        "vision_encoder",
+        "audio_encoder",
+        *(e.name for e in ENSEMBLES),
+    }
+    assert check_wiring(configs) == []
+    for name, config in configs.items():
+        assert "${" not in (cpu_repo / name / "config.pbtxt").read_text()
+        if config.backend == "python":
+            assert (cpu_repo / name / "1" / "model.py").exists()
+    for name in ("image_preprocess", "audio_preprocess"):
+        assert (cpu_repo / name / "1" / "dali.py").exists()
+        assert (cpu_repo / name / "1" / "preprocess.json").exists()
+    # Ragged raw-byte inputs with dynamic batching, as the DALI backend needs them.
+    image_in = configs["image_preprocess"].input[0]
+    assert (image_in.data_type, list(image_in.dims), image_in.allow_ragged_batch) == (2, [-1], True)  # TYPE_UINT8
+    assert configs["image_preprocess"].HasField("dynamic_batching")
+
+
+def test_missing_template_key_fails_the_build(bundle_dir: Path, templates: Path, tmp_path: Path) -> None:
+    _edit(templates / "vision_encoder" / "config.pbtxt", "max_batch_size: ${max_batch_size}", "max_batch_size: ${max_batch}")
+    with pytest.raises(RenderError, match=r"vision_encoder/config.pbtxt: no value for placeholder \$\{max_batch\}"):
+        render_repository(bundle_dir, tmp_path / "repo", template_root=templates)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_unknown_config_field_fails_the_build(bundle_dir: Path, templates: Path, tmp_path: Path) -> None:
+    _edit(templates / "audio_encoder" / "config.pbtxt", "max_batch_size:", "max_batch_sise:")
+    with pytest.raises(RenderError, match=r"audio_encoder/config.pbtxt \(rendered\): not a valid Triton ModelConfig"):
+        render_repository(bundle_dir, tmp_path / "repo", template_root=templates)
+
+
+def test_dtype_mismatch_between_steps_is_caught(bundle_dir: Path, templates: Path, tmp_path: Path) -> None:
+    _edit(templates / "vision_encoder" / "config.pbtxt", "data_type: TYPE_FP16", "data_type: TYPE_FP32")
+    with pytest.raises(RenderError) as err:
+        render_repository(bundle_dir, tmp_path / "repo", template_root=templates)
+    assert "image_preprocess.pixel_values is TYPE_FP16 but vision_encoder.pixel_values expects TYPE_FP32" in str(err.value)
+
+
+def test_wrong_tensor_name_in_description_is_caught(bundle_dir: Path, tmp_path: Path) -> None:
+    broken = Ensemble(
+        "embed_image",
+        ("image",),
+        (
+            Step("image_preprocess", {"image": "image"}, {"pixel_values": "_pixels"}),
+            Step("vision_encoder", {"pixel_values": "_pixel_values"}, {"embeddings": "image_embeddings"}),
+        ),
+        ("image_embeddings",),
+    )
+    with pytest.raises(RenderError) as err:
+        render_repository(bundle_dir, tmp_path / "repo", ensembles=(broken,))
+    assert "vision_encoder.pixel_values reads '_pixel_values', which no step produces" in str(err.value)
+
+
+def test_hand_edited_ensemble_is_caught(cpu_repo: Path) -> None:
+    configs = load_repository_configs(cpu_repo)
+    ens = configs["embed_audio"]
+    # Feed the encoder's length input from the wrong tensor and drop a required input.
+    step = ens.ensemble_scheduling.step[1]
+    step.input_map["feature_length"] = "_mfcc"
+    del step.input_map["features"]
+    problems = check_wiring(configs)
+    assert any("audio_preprocess.mfcc is TYPE_FP32 but audio_encoder.feature_length expects TYPE_INT32" in p for p in problems)
+    assert any("required input audio_encoder.features is not fed" in p for p in problems)
+    assert any("audio_preprocess.mfcc_length goes to '_mfcc_length', which nothing reads" in p for p in problems)
+    # And an output declared with the wrong dims.
+    configs = load_repository_configs(cpu_repo)
+    text_format.Parse('output { name: "extra" data_type: TYPE_FP16 dims: [ 3 ] }', configs["embed_image"])
+    assert any("output 'extra' is never produced" in p for p in check_wiring(configs))

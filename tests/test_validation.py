@@ -1,0 +1,81 @@
+"""Bad payloads in-process: each gets its named error, and good payloads batched with them survive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from build_engines.spec import ModelSpec
+from mmtriton.preprocess import AudioPreprocessor, ImagePreprocessor
+from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+from mmtriton.validation import InputError
+from tests.bad_inputs import bad_audio, bad_images
+
+
+@pytest.fixture(scope="module")
+def image_pre(cpu_repo: Path) -> ImagePreprocessor:
+    return ImagePreprocessor(cpu_repo / "image_preprocess" / "1" / "dali.py")
+
+
+@pytest.fixture(scope="module")
+def audio_pre(cpu_repo: Path) -> AudioPreprocessor:
+    return AudioPreprocessor(cpu_repo / "audio_preprocess" / "1" / "dali.py")
+
+
+def _u8(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def test_each_bad_image_gets_its_error(image_pre: ImagePreprocessor, spec: ModelSpec) -> None:
+    for name, (payload, expected) in bad_images(spec).items():
+        (result,) = image_pre([_u8(payload)])
+        assert isinstance(result, InputError), f"{name}: accepted"
+        assert result.input_name == "image"
+        assert expected in str(result), f"{name}: {result}"
+
+
+def test_each_bad_audio_gets_its_error(audio_pre: AudioPreprocessor, spec: ModelSpec) -> None:
+    for name, (payload, expected) in bad_audio(spec).items():
+        (result,) = audio_pre([_u8(payload)])
+        assert isinstance(result, InputError), f"{name}: accepted"
+        assert result.input_name == "audio"
+        assert expected in str(result), f"{name}: {result}"
+
+
+def test_bad_image_in_a_batch_leaves_the_good_ones_intact(image_pre: ImagePreprocessor, spec: ModelSpec) -> None:
+    good = [encode_image(synthetic_image(100 + 13 * i, 80 + 7 * i, seed=i), "JPEG") for i in range(4)]
+    alone = [image_pre([_u8(g)])[0][0] for g in good]
+    truncated = bad_images(spec)["truncated_jpeg"][0]
+    rebuilds = image_pre.runner.rebuilds
+    mixed = image_pre([_u8(good[0]), _u8(truncated), _u8(good[1]), _u8(good[2]), _u8(good[3])])
+    assert isinstance(mixed[1], InputError)
+    # The truncated JPEG passes the header checks, so DALI itself failed the batch and was rebuilt.
+    assert image_pre.runner.rebuilds > rebuilds
+    for got, want in zip([mixed[0], mixed[2], mixed[3], mixed[4]], alone):
+        assert not isinstance(got, Exception)
+        np.testing.assert_array_equal(got[0], want)
+    # The rebuilt pipeline keeps working for the next full batch.
+    again = image_pre([_u8(g) for g in good])
+    for got, want in zip(again, alone):
+        np.testing.assert_array_equal(got[0], want)
+
+
+def test_bad_audio_in_a_batch_leaves_the_good_ones_intact(audio_pre: AudioPreprocessor, spec: ModelSpec) -> None:
+    good = [encode_audio(synthetic_audio(16000, 0.5 + 0.3 * i, seed=i), 16000, "FLAC") for i in range(3)]
+    alone = [audio_pre([_u8(g)])[0][0] for g in good]
+    truncated = bad_audio(spec)["truncated_flac"][0]
+    mixed = audio_pre([_u8(truncated), _u8(good[0]), _u8(good[1]), _u8(good[2])])
+    assert isinstance(mixed[0], InputError)
+    for got, want in zip(mixed[1:], alone):
+        assert not isinstance(got, Exception)
+        np.testing.assert_array_equal(got[0], want)
+
+
+def test_more_payloads_than_the_pipeline_batch(image_pre: ImagePreprocessor) -> None:
+    """Requests beyond the pipeline's batch size are processed in further DALI batches."""
+    n = image_pre.runner.batch_size + 3
+    payloads = [_u8(encode_image(synthetic_image(64 + i, 64, seed=i), "PNG")) for i in range(n)]
+    results = image_pre(payloads)
+    assert len(results) == n and not any(isinstance(r, Exception) for r in results)
