@@ -43,13 +43,102 @@ AUDIO_STEPS = (
 )
 
 # Raw bytes in, prompt-table rows out: the preprocessing + encoder stage on its own.
-ENSEMBLES: tuple[Ensemble, ...] = (
+EMBED_ENSEMBLES: tuple[Ensemble, ...] = (
     Ensemble("embed_image", ("image",), IMAGE_STEPS, ("image_embeddings",)),
     Ensemble("embed_audio", ("audio",), AUDIO_STEPS, ("audio_embeddings",)),
     Ensemble(
         "embed_image_audio", ("image", "audio"), IMAGE_STEPS + AUDIO_STEPS, ("image_embeddings", "audio_embeddings")
     ),
 )
+
+# Public inputs of every chat ensemble besides the media; the user-facing names of the
+# TensorRT-LLM "ensemble" model (text_input, max_tokens, top_k, ...).
+CHAT_INPUTS = ("text_input", "max_tokens", "temperature", "top_k", "top_p", "seed", "stream", "stop_words")
+CHAT_OUTPUTS = ("text_output", "output_ids", "num_input_tokens", "num_output_tokens")
+
+
+def llm_steps(image: bool, audio: bool) -> tuple[Step, ...]:
+    """preprocessing -> tensorrt_llm -> postprocessing, fed by the media embeddings present.
+
+    A text-only request never touches the prompt-table tensors: they are mapped
+    only in ensembles that carry an image or audio clip, so no step ever waits
+    for an input that was not sent.
+    """
+    pre_in = {
+        "QUERY": "text_input",
+        "REQUEST_OUTPUT_LEN": "max_tokens",
+        "STOP_WORDS_DICT": "stop_words",
+        "TEMPERATURE": "temperature",
+        "TOP_K": "top_k",
+        "TOP_P": "top_p",
+    }
+    pre_out = {
+        "INPUT_ID": "_INPUT_ID",
+        "REQUEST_INPUT_LEN": "_REQUEST_INPUT_LEN",
+        "OUT_REQUEST_OUTPUT_LEN": "_REQUEST_OUTPUT_LEN",
+        "OUT_END_ID": "_END_ID",
+        "OUT_PAD_ID": "_PAD_ID",
+        "STOP_WORDS_IDS": "_STOP_WORDS_IDS",
+        "RETURN_NUM_TOKENS": "_RETURN_NUM_TOKENS",
+    }
+    llm_in = {
+        "input_ids": "_INPUT_ID",
+        "input_lengths": "_REQUEST_INPUT_LEN",
+        "request_output_len": "_REQUEST_OUTPUT_LEN",
+        "end_id": "_END_ID",
+        "pad_id": "_PAD_ID",
+        "stop_words_list": "_STOP_WORDS_IDS",
+        "streaming": "stream",
+        "temperature": "temperature",
+        "runtime_top_k": "top_k",
+        "runtime_top_p": "top_p",
+        "seed": "seed",
+        "return_num_input_tokens": "_RETURN_NUM_TOKENS",
+        "return_num_output_tokens": "_RETURN_NUM_TOKENS",
+    }
+    if image:
+        pre_in["IMAGE_EMBEDDINGS"] = "image_embeddings"
+    if audio:
+        pre_in["AUDIO_EMBEDDINGS"] = "audio_embeddings"
+    if image or audio:
+        pre_out.update({"PROMPT_EMBEDDING_TABLE": "_PROMPT_EMBEDDING_TABLE", "PROMPT_VOCAB_SIZE": "_PROMPT_VOCAB_SIZE"})
+        llm_in.update({"prompt_embedding_table": "_PROMPT_EMBEDDING_TABLE", "prompt_vocab_size": "_PROMPT_VOCAB_SIZE"})
+    return (
+        Step("preprocessing", pre_in, pre_out),
+        Step(
+            "tensorrt_llm",
+            llm_in,
+            {
+                "output_ids": "output_ids",
+                "sequence_length": "_SEQUENCE_LENGTH",
+                "num_input_tokens": "num_input_tokens",
+                "num_output_tokens": "num_output_tokens",
+            },
+        ),
+        Step(
+            "postprocessing",
+            {"TOKENS_BATCH": "output_ids", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH", "NUM_OUTPUT_TOKENS": "num_output_tokens"},
+            {"OUTPUT": "text_output"},
+        ),
+    )
+
+
+# Text in (plus raw image and/or audio bytes), streamed text out. One ensemble per input
+# combination: Triton ensembles cannot skip a step, so the media chains exist only where
+# the media is a required input.
+CHAT_ENSEMBLES: tuple[Ensemble, ...] = (
+    Ensemble("chat_text", CHAT_INPUTS, llm_steps(False, False), CHAT_OUTPUTS),
+    Ensemble("chat_image", ("image", *CHAT_INPUTS), IMAGE_STEPS + llm_steps(True, False), CHAT_OUTPUTS),
+    Ensemble("chat_audio", ("audio", *CHAT_INPUTS), AUDIO_STEPS + llm_steps(False, True), CHAT_OUTPUTS),
+    Ensemble(
+        "chat_image_audio",
+        ("image", "audio", *CHAT_INPUTS),
+        IMAGE_STEPS + AUDIO_STEPS + llm_steps(True, True),
+        CHAT_OUTPUTS,
+    ),
+)
+
+ENSEMBLES: tuple[Ensemble, ...] = EMBED_ENSEMBLES + CHAT_ENSEMBLES
 
 
 def _tensor(config: mc.ModelConfig, name: str, kind: str) -> mc.ModelInput | mc.ModelOutput | None:

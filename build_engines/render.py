@@ -29,6 +29,7 @@ LOGGER = logging.getLogger(__name__)
 TEMPLATE_ROOT = Path(__file__).resolve().parent.parent / "model_repository"
 PREPROCESS_MODELS = ("image_preprocess", "audio_preprocess")
 ENCODER_MODELS = ("vision_encoder", "audio_encoder")
+LLM_MODELS = ("preprocessing", "tensorrt_llm", "postprocessing")
 
 
 class RenderError(RuntimeError):
@@ -44,11 +45,13 @@ class Profile:
     preprocess_kind: str
     encoder_backend: str
     encoder_kind: str
+    llm_backend: str
+    llm_device: str
     device_id: int | None
 
 
 PROFILES: dict[str, Profile] = {
-    "cpu": Profile("cpu", "python", "KIND_CPU", "python", "KIND_CPU", None),
+    "cpu": Profile("cpu", "python", "KIND_CPU", "python", "KIND_CPU", "python", "cpu", None),
 }
 
 
@@ -89,6 +92,10 @@ def parse_config(text: str, where: str) -> mc.ModelConfig:
 def template_values(spec: ModelSpec, bundle: dict[str, Any], profile: Profile) -> dict[str, str]:
     """Every placeholder value the templates may use, as strings."""
     serving = spec.serving
+    llm_dir = (Path(bundle["dir"]) / "llm").resolve()
+    token_ids = bundle["token_ids"]
+    # Room for every running request's image and longest audio clip at once.
+    rows_per_request = spec.vision.tokens_per_image + spec.audio.tokens(spec.audio.max_frames)
     values: dict[str, Any] = {
         "max_batch_size": serving.max_batch_size,
         "max_queue_delay_us": serving.max_queue_delay_us,
@@ -103,6 +110,26 @@ def template_values(spec: ModelSpec, bundle: dict[str, Any], profile: Profile) -
         "image_tokens": spec.vision.tokens_per_image,
         "n_mfcc": spec.audio.n_mfcc,
         "llm_hidden_size": bundle["llm_hidden_size"],
+        "llm_backend": profile.llm_backend,
+        "llm_device": profile.llm_device,
+        "llm_queue_delay_us": serving.llm_queue_delay_us,
+        "llm_max_queue_size": serving.llm_max_queue_size,
+        "batching_strategy": "inflight_fused_batching",
+        "batch_scheduler_policy": serving.batch_scheduler_policy,
+        "kv_cache_free_gpu_mem_fraction": serving.kv_cache_free_gpu_mem_fraction,
+        "enable_chunked_context": str(serving.enable_chunked_context).lower(),
+        "cancellation_check_period_ms": serving.cancellation_check_period_ms,
+        "engine_dir": llm_dir,
+        "tokenizer_dir": llm_dir,
+        "vocab_size": bundle["vocab_size"],
+        "image_token": spec.tokenizer.image_token,
+        "audio_token": spec.tokenizer.audio_token,
+        # Chat turns end with <|end|> when the tokenizer has one; otherwise with eos.
+        "end_id": token_ids.get("end", token_ids["eos"]),
+        "pad_id": token_ids["pad"],
+        "max_input_len": spec.llm.max_input_len,
+        "max_output_len": spec.llm.max_output_len,
+        "prompt_table_capacity": serving.max_batch_size * rows_per_request,
     }
     return {key: str(value) for key, value in values.items()}
 
@@ -197,7 +224,7 @@ def render_repository(
     if profile_name not in PROFILES:
         raise RenderError(f"unknown profile {profile_name!r}; choose from {sorted(PROFILES)}")
     profile = PROFILES[profile_name]
-    bundle = json.loads((bundle_dir / "bundle.json").read_text())
+    bundle = {**json.loads((bundle_dir / "bundle.json").read_text()), "dir": str(bundle_dir)}
     spec = spec_from_dict(bundle["spec"])
     values = template_values(spec, bundle, profile)
     staging = out_dir.with_name(out_dir.name + ".tmp")
@@ -205,7 +232,7 @@ def render_repository(
     staging.mkdir(parents=True)
 
     models: dict[str, mc.ModelConfig] = {}
-    for model in PREPROCESS_MODELS + ENCODER_MODELS:
+    for model in PREPROCESS_MODELS + ENCODER_MODELS + LLM_MODELS:
         src = template_root / model
         text = render_template(src / "config.pbtxt", values)
         config = parse_config(text, f"{src / 'config.pbtxt'} (rendered)")
@@ -217,7 +244,7 @@ def render_repository(
             shutil.copy2(src / "1" / "dali.py", version / "dali.py")
             settings = preprocess_settings(spec, model, profile, int(values["dali_num_threads"]))
             (version / "preprocess.json").write_text(json.dumps(settings, indent=2) + "\n")
-        else:
+        elif model in ENCODER_MODELS:
             _link_or_copy(bundle_dir / model / "model.onnx", version / "model.onnx")
         if config.backend == "python":
             shutil.copy2(src / "1" / "model.py", version / "model.py")

@@ -113,6 +113,12 @@ class ServingSpec:
     max_queue_delay_us: int
     preprocess_instances: int
     encoder_instances: int
+    llm_queue_delay_us: int
+    llm_max_queue_size: int
+    batch_scheduler_policy: str
+    kv_cache_free_gpu_mem_fraction: float
+    enable_chunked_context: bool
+    cancellation_check_period_ms: int
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,10 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             if not isinstance(value, dict):
                 raise SpecError(f"{key}: expected a table")
             values[f.name] = _build(hint, value, key)
+        elif hint is bool:
+            if not isinstance(value, bool):
+                raise SpecError(f"{key}: expected true or false, got {value!r}")
+            values[f.name] = value
         elif hint is int:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise SpecError(f"{key}: expected a non-negative integer, got {value!r}")
@@ -191,6 +201,8 @@ def load_spec(path: str | Path) -> ModelSpec:
         raise SpecError(f"{path.name}: vision.image_size must be a multiple of vision.patch_size")
     if spec.audio.subsampling & (spec.audio.subsampling - 1):
         raise SpecError(f"{path.name}: audio.subsampling must be a power of two")
+    if spec.serving.batch_scheduler_policy not in ("max_utilization", "guaranteed_no_evict"):
+        raise SpecError(f"{path.name}: serving.batch_scheduler_policy must be max_utilization or guaranteed_no_evict")
     return dataclasses.replace(spec, source=path)
 
 

@@ -33,6 +33,9 @@ def test_rendered_repository_is_complete(cpu_repo: Path) -> None:
         "audio_preprocess",
         "vision_encoder",
         "audio_encoder",
+        "preprocessing",
+        "tensorrt_llm",
+        "postprocessing",
         *(e.name for e in ENSEMBLES),
     }
     assert check_wiring(configs) == []

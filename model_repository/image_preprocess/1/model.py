@@ -1,5 +1,7 @@
 """CPU-profile runner for image_preprocess: the python backend builds 1/dali.py with device_id=None."""
 
+from __future__ import annotations
+
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils

@@ -1,5 +1,7 @@
 """CPU-profile vision_encoder: the bundle's ONNX encoder on onnxruntime."""
 
+from __future__ import annotations
+
 from pathlib import Path
 
 import numpy as np

@@ -1,0 +1,198 @@
+"""Turn a user request into TensorRT-LLM engine inputs (the ``preprocessing`` model's logic).
+
+The chat template comes from the tokenizer in the bundle. Each ``<image>`` /
+``<audio>`` placeholder becomes as many fake ids as its embeddings have rows:
+``vocab_size .. vocab_size + n - 1`` across the whole request, in order of
+appearance, and the rows are concatenated into ``prompt_embedding_table``
+(FP16 ``[rows, hidden]``) with ``prompt_vocab_size = rows``. This is the
+prompt-tuning contract of the TensorRT-LLM Triton backend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmtriton.validation import InputError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Engine inputs for one request.
+
+    Attributes:
+        input_ids: INT32 ``[n]`` with fake ids for the multimodal rows.
+        prompt_table: FP16 ``[rows, hidden]``, or None for text-only prompts.
+        text_tokens: Ids that came from text (template included).
+    """
+
+    input_ids: np.ndarray
+    prompt_table: np.ndarray | None
+    text_tokens: int
+
+
+def stop_words_tensor(words: list[list[int]]) -> np.ndarray:
+    """Encode token sequences in TensorRT-LLM's ``stop_words_list`` layout ``[2, n]``.
+
+    Row 0 holds every sequence's ids back to back; row 1 the end offset of
+    each sequence, padded with -1. No sequences encode as ``[[0], [-1]]``.
+    """
+    flat = [t for word in words for t in word]
+    offsets = np.cumsum([len(w) for w in words]).tolist() if words else []
+    width = max(1, len(flat))
+    out = np.full((2, width), -1, dtype=np.int32)
+    out[0, :] = 0
+    out[0, : len(flat)] = flat
+    out[1, : len(offsets)] = offsets
+    return out
+
+
+def parse_stop_words(tensor: np.ndarray) -> list[list[int]]:
+    """Inverse of :func:`stop_words_tensor` for one request's ``[2, n]`` tensor."""
+    ids, offsets = tensor[0].tolist(), [o for o in tensor[1].tolist() if o >= 0]
+    words, start = [], 0
+    for end in offsets:
+        if end > start:
+            words.append(ids[start:end])
+        start = end
+    return words
+
+
+@dataclass(frozen=True)
+class SamplingLimits:
+    """Bounds for user sampling inputs."""
+
+    max_output_len: int
+
+
+def check_sampling(
+    *,
+    max_tokens: int,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    limits: SamplingLimits,
+) -> None:
+    """Reject sampling values the engine cannot honour, naming the public input.
+
+    Raises:
+        InputError: ``max_tokens`` outside ``1..max_output_len``, a negative or
+            non-finite ``temperature``, a negative ``top_k``, ``top_p`` outside [0, 1].
+    """
+    if max_tokens < 1 or max_tokens > limits.max_output_len:
+        raise InputError("max_tokens", f"{max_tokens} is outside 1..{limits.max_output_len}")
+    if temperature is not None and (not math.isfinite(temperature) or temperature < 0):
+        raise InputError("temperature", f"{temperature} must be a finite number >= 0")
+    if top_k is not None and top_k < 0:
+        raise InputError("top_k", f"{top_k} must be >= 0 (0 = no top-k filtering)")
+    if top_p is not None and (not math.isfinite(top_p) or top_p < 0 or top_p > 1):
+        raise InputError("top_p", f"{top_p} must be within [0, 1] (0 = no top-p filtering)")
+
+
+class PromptBuilder:
+    """Chat template, tokenization and placeholder expansion for one model bundle.
+
+    Args:
+        tokenizer_dir: Folder with the Hugging Face tokenizer (the bundle's ``llm/``).
+        vocab_size: The LLM's vocabulary size; fake ids start here.
+        hidden_size: The LLM's hidden size (prompt-table width).
+        image_token: Placeholder text for an image.
+        audio_token: Placeholder text for an audio clip.
+        max_input_len: Longest prompt the engine accepts, fake ids included.
+    """
+
+    def __init__(
+        self,
+        tokenizer_dir: Path,
+        *,
+        vocab_size: int,
+        hidden_size: int,
+        image_token: str,
+        audio_token: str,
+        max_input_len: int,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.image_token = image_token
+        self.audio_token = audio_token
+        self.image_id = self.tokenizer.convert_tokens_to_ids(image_token)
+        self.audio_id = self.tokenizer.convert_tokens_to_ids(audio_token)
+        self.max_input_len = max_input_len
+
+    def _content(self, text: str, has_image: bool, has_audio: bool) -> str:
+        for token, present, name in ((self.image_token, has_image, "image"), (self.audio_token, has_audio, "audio")):
+            count = text.count(token)
+            if count > 1:
+                raise InputError("text_input", f"contains {count} {token} placeholders; one {name} per request is supported")
+            if count and not present:
+                raise InputError("text_input", f"contains {token} but no {name} was sent")
+        # Media without a placeholder go first, in a fixed order: image, then audio.
+        prefix = ""
+        if has_image and self.image_token not in text:
+            prefix += self.image_token + "\n"
+        if has_audio and self.audio_token not in text:
+            prefix += self.audio_token + "\n"
+        return prefix + text
+
+    def build(
+        self,
+        text: str,
+        image_embeddings: np.ndarray | None = None,
+        audio_embeddings: np.ndarray | None = None,
+    ) -> Prompt:
+        """Build the engine inputs of one request.
+
+        Args:
+            text: The user's message (may contain the placeholders).
+            image_embeddings: ``[rows, hidden]`` from ``vision_encoder``, if an image was sent.
+            audio_embeddings: ``[rows, hidden]`` from ``audio_encoder``, if audio was sent.
+
+        Returns:
+            The prompt with fake ids and its table.
+
+        Raises:
+            InputError: Placeholder/media mismatch, wrong embedding width, or a
+                prompt longer than ``max_input_len``.
+        """
+        content = self._content(text, image_embeddings is not None, audio_embeddings is not None)
+        ids = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        media = {self.image_id: image_embeddings, self.audio_id: audio_embeddings}
+        out: list[int] = []
+        rows: list[np.ndarray] = []
+        next_fake = self.vocab_size
+        text_tokens = 0
+        for token in ids:
+            table = media.get(token)
+            if table is None:
+                out.append(int(token))
+                text_tokens += 1
+                continue
+            table = np.asarray(table, dtype=np.float16).reshape(-1, np.shape(table)[-1])
+            if table.shape[1] != self.hidden_size:
+                raise InputError("prompt_embedding_table", f"width {table.shape[1]} != LLM hidden size {self.hidden_size}")
+            out.extend(range(next_fake, next_fake + table.shape[0]))
+            next_fake += table.shape[0]
+            rows.append(table)
+        if len(out) > self.max_input_len:
+            media_rows = len(out) - text_tokens
+            raise InputError(
+                "text_input",
+                f"prompt is {len(out)} tokens ({text_tokens} text + {media_rows} image/audio), "
+                f"over the engine's max input length of {self.max_input_len}",
+            )
+        table = np.concatenate(rows) if rows else None
+        return Prompt(np.asarray(out, dtype=np.int32), table, text_tokens)
+
+    def encode_stop_words(self, words: list[str]) -> np.ndarray:
+        """Tokenize stop strings (no special tokens) into the ``stop_words_list`` layout."""
+        seqs = [self.tokenizer.encode(w, add_special_tokens=False) for w in words if w]
+        return stop_words_tensor([s for s in seqs if s])

@@ -1,0 +1,82 @@
+"""preprocessing: user request -> TensorRT-LLM engine inputs (logic in mmtriton.prompting)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from mmtriton.prompting import PromptBuilder, SamplingLimits, check_sampling
+from mmtriton.validation import InputError
+
+
+def _optional(request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _scalar(request, name: str):
+    value = _optional(request, name)
+    return None if value is None else value.reshape(-1)[0].item()
+
+
+class TritonPythonModel:
+    """Builds input ids, the prompt table and the engine's sampling inputs for each request."""
+
+    def initialize(self, args: dict) -> None:
+        import json
+
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        self.builder = PromptBuilder(
+            Path(params["tokenizer_dir"]),
+            vocab_size=int(params["vocab_size"]),
+            hidden_size=int(params["hidden_size"]),
+            image_token=params["image_token"],
+            audio_token=params["audio_token"],
+            max_input_len=int(params["max_input_len"]),
+        )
+        self.limits = SamplingLimits(max_output_len=int(params["max_output_len"]))
+        self.end_id = int(params["end_id"])
+        self.pad_id = int(params["pad_id"])
+
+    def _one(self, request) -> pb_utils.InferenceResponse:
+        text = _optional(request, "QUERY").reshape(-1)[0]
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        max_tokens = int(_scalar(request, "REQUEST_OUTPUT_LEN"))
+        check_sampling(
+            max_tokens=max_tokens,
+            temperature=_scalar(request, "TEMPERATURE"),
+            top_k=_scalar(request, "TOP_K"),
+            top_p=_scalar(request, "TOP_P"),
+            limits=self.limits,
+        )
+        prompt = self.builder.build(
+            text, _optional(request, "IMAGE_EMBEDDINGS"), _optional(request, "AUDIO_EMBEDDINGS")
+        )
+        stop = _optional(request, "STOP_WORDS_DICT")
+        words = [] if stop is None else [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in stop.reshape(-1)]
+        outputs = {
+            "INPUT_ID": prompt.input_ids[None],
+            "REQUEST_INPUT_LEN": np.array([[prompt.input_ids.size]], dtype=np.int32),
+            "OUT_REQUEST_OUTPUT_LEN": np.array([[max_tokens]], dtype=np.int32),
+            "OUT_END_ID": np.array([[self.end_id]], dtype=np.int32),
+            "OUT_PAD_ID": np.array([[self.pad_id]], dtype=np.int32),
+            "STOP_WORDS_IDS": self.builder.encode_stop_words(words)[None],
+            "RETURN_NUM_TOKENS": np.array([[True]], dtype=bool),
+        }
+        if prompt.prompt_table is not None:
+            outputs["PROMPT_EMBEDDING_TABLE"] = prompt.prompt_table[None]
+            outputs["PROMPT_VOCAB_SIZE"] = np.array([[prompt.prompt_table.shape[0]]], dtype=np.int32)
+        wanted = set(request.requested_output_names())
+        return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items() if k in wanted])
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._one(request))
+            except InputError as err:
+                error = pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
+        return responses

@@ -1,0 +1,177 @@
+"""CPU-profile tensorrt_llm: the TensorRT-LLM tensor contract over mmtriton.engine (continuous batching).
+
+Decoupled: every request gets its responses from a worker thread that follows the
+engine's token stream. ``streaming=true`` sends each new token as it comes, then an
+empty final response; otherwise one response carries every generated token.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from mmtriton.engine import Engine, EngineError, GenerationRequest
+from mmtriton.prompting import parse_stop_words
+
+
+def _scalar(request, name: str, default=None):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return default if tensor is None else tensor.as_numpy().reshape(-1)[0].item()
+
+
+def _array(request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+class TritonPythonModel:
+    """Feeds requests to one shared continuous-batching engine and streams its tokens back."""
+
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        self.max_batch_size = int(config["max_batch_size"])
+        self.engine = Engine(
+            Path(params["gpt_model_path"]),
+            max_batch_size=self.max_batch_size,
+            max_input_len=int(params["max_input_len"]),
+            max_output_len=int(params["max_output_len"]),
+            prompt_table_capacity=int(params["prompt_table_capacity"]),
+            device=params["device"],
+        )
+        self.engine.start()
+        self.workers = ThreadPoolExecutor(max_workers=4 * self.max_batch_size + 4, thread_name_prefix="stream")
+        self.by_triton_id: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self._metrics()
+
+    def _metric(self, name: str, description: str, kind):
+        # A family must outlive its metrics, so the families are kept on the model too.
+        family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+        self.families.append(family)
+        return family.Metric(labels={"model": "tensorrt_llm"})
+
+    def _metrics(self) -> None:
+        # The engine's own per-step batch sizes, on Triton's /metrics endpoint.
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self.families = []
+        self.metric_max = self._metric(
+            "mmtriton_engine_step_batch_size_max", "Largest number of sequences decoded together in one engine step", gauge
+        )
+        self.metric_steps = self._metric("mmtriton_engine_steps_total", "Engine forward steps that produced tokens", counter)
+        self.metric_tokens = self._metric(
+            "mmtriton_engine_step_sequences_total",
+            "Sum over engine steps of the sequences in each step (divided by steps: the mean batch size)",
+            counter,
+        )
+        self.metric_active = self._metric(
+            "mmtriton_engine_requests_in_flight", "Requests admitted to the engine's running batch", gauge
+        )
+        self._reported = (0, 0)
+        self.stop_metrics = threading.Event()
+        threading.Thread(target=self._report_metrics, daemon=True).start()
+
+    def _report_metrics(self) -> None:
+        while not self.stop_metrics.wait(0.2):
+            hist = self.engine.step_batch_sizes()
+            steps, seqs = sum(hist.values()), sum(k * v for k, v in hist.items())
+            self.metric_steps.increment(steps - self._reported[0])
+            self.metric_tokens.increment(seqs - self._reported[1])
+            self._reported = (steps, seqs)
+            self.metric_max.set(self.engine.max_batch_size_seen)
+            self.metric_active.set(self.engine.num_in_flight)
+
+    def _request(self, request) -> GenerationRequest:
+        ids = _array(request, "input_ids")
+        length = int(_scalar(request, "input_lengths"))
+        table = _array(request, "prompt_embedding_table")
+        stop = _array(request, "stop_words_list")
+        return GenerationRequest(
+            input_ids=[] if ids is None else ids.reshape(-1)[:length].tolist(),
+            max_new_tokens=int(_scalar(request, "request_output_len")),
+            end_id=_scalar(request, "end_id"),
+            pad_id=_scalar(request, "pad_id"),
+            temperature=float(_scalar(request, "temperature", 1.0)),
+            top_k=int(_scalar(request, "runtime_top_k", 0)),
+            top_p=float(_scalar(request, "runtime_top_p", 0.0)),
+            seed=_scalar(request, "seed"),
+            stop_words=[] if stop is None else parse_stop_words(stop.reshape(2, -1)),
+            prompt_table=None if table is None else table.reshape(-1, table.shape[-1]),
+            prompt_vocab_size=int(_scalar(request, "prompt_vocab_size", 0)),
+        )
+
+    @staticmethod
+    def _response(tokens: list, num_input: int, num_output: int) -> pb_utils.InferenceResponse:
+        ids = np.asarray(tokens, dtype=np.int32).reshape(1, 1, -1)
+        return pb_utils.InferenceResponse(
+            [
+                pb_utils.Tensor("output_ids", ids),
+                pb_utils.Tensor("sequence_length", np.array([[ids.shape[-1]]], dtype=np.int32)),
+                pb_utils.Tensor("num_input_tokens", np.array([[num_input]], dtype=np.int32)),
+                pb_utils.Tensor("num_output_tokens", np.array([[num_output]], dtype=np.int32)),
+            ]
+        )
+
+    def _serve(self, request, engine_id: str, streaming: bool, num_input: int) -> None:
+        sender = request.get_response_sender()
+        triton_id = request.request_id()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        generated: list = []
+        try:
+            stream = self.engine.stream(engine_id)
+            for new in stream:
+                generated.extend(new)
+                if sender.is_cancelled():
+                    stream.close()  # closing the stream cancels the engine request and frees its slot
+                    return
+                if streaming:
+                    sender.send(self._response(new, num_input, len(generated)))
+            if streaming:
+                sender.send(flags=final)
+            else:
+                sender.send(self._response(generated, num_input, len(generated)), flags=final)
+        except EngineError as err:
+            error = pb_utils.TritonError(f"generation failed: {err}", pb_utils.TritonError.INTERNAL)
+            sender.send(pb_utils.InferenceResponse(error=error), flags=final)
+        finally:
+            with self.lock:
+                if triton_id and self.by_triton_id.get(triton_id) == engine_id:
+                    del self.by_triton_id[triton_id]
+
+    def _stop(self, request) -> None:
+        # TensorRT-LLM semantics: a request with stop=true cancels the running request of the same id.
+        with self.lock:
+            engine_id = self.by_triton_id.get(request.request_id())
+        if engine_id is not None:
+            self.engine.cancel(engine_id)
+        request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            if _scalar(request, "stop", False):
+                self._stop(request)
+                continue
+            try:
+                generation = self._request(request)
+                engine_id = self.engine.submit(generation)
+            except ValueError as err:
+                sender = request.get_response_sender()
+                error = pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)
+                sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            if request.request_id():
+                with self.lock:
+                    self.by_triton_id[request.request_id()] = engine_id
+            streaming = bool(_scalar(request, "streaming", False))
+            self.workers.submit(self._serve, request, engine_id, streaming, len(generation.input_ids))
+        return None
+
+    def finalize(self) -> None:
+        self.stop_metrics.set()
+        self.engine.stop(timeout=10)
+        self.workers.shutdown(wait=False, cancel_futures=True)

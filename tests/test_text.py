@@ -1,0 +1,130 @@
+"""Prompt building and streaming detokenization, in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from build_engines.spec import ModelSpec
+from mmtriton.detokenize import REPLACEMENT, DetokenizerStates, IncrementalDetokenizer
+from mmtriton.prompting import (
+    PromptBuilder,
+    SamplingLimits,
+    check_sampling,
+    parse_stop_words,
+    stop_words_tensor,
+)
+from mmtriton.validation import InputError
+
+TEXT = "Le café naïve — 日本語 🙂 says: hello  world, fine?"
+
+
+@pytest.fixture(scope="module")
+def builder(bundle_dir: Path, spec: ModelSpec) -> PromptBuilder:
+    import json
+
+    bundle = json.loads((bundle_dir / "bundle.json").read_text())
+    return PromptBuilder(
+        bundle_dir / "llm",
+        vocab_size=bundle["vocab_size"],
+        hidden_size=bundle["llm_hidden_size"],
+        image_token=spec.tokenizer.image_token,
+        audio_token=spec.tokenizer.audio_token,
+        max_input_len=spec.llm.max_input_len,
+    )
+
+
+def test_per_token_decoding_would_break_this_text(builder: PromptBuilder) -> None:
+    """The test text does split characters across tokens (otherwise the next tests prove nothing)."""
+    tok = builder.tokenizer
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    assert any(REPLACEMENT in tok.decode([i]) for i in ids)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_streamed_text_equals_full_decode(builder: PromptBuilder, chunk: int) -> None:
+    tok = builder.tokenizer
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.push(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
+    assert not any(REPLACEMENT in p for p in pieces)
+    assert "".join(pieces) + detok.flush() == TEXT
+
+
+def test_states_are_kept_per_request(builder: PromptBuilder) -> None:
+    tok = builder.tokenizer
+    a = tok.encode(TEXT, add_special_tokens=False)
+    b = tok.encode("naïve 日本 café", add_special_tokens=False)
+    states = DetokenizerStates(tok)
+    out = {"a": "", "b": ""}
+    for i in range(max(len(a), len(b))):  # interleaved streams
+        if i < len(a):
+            out["a"] += states.push("a", a[i : i + 1])
+        if i < len(b):
+            out["b"] += states.push("b", b[i : i + 1])
+    assert out == {"a": TEXT, "b": "naïve 日本 café"}
+
+
+def test_prompt_fake_ids_and_table(builder: PromptBuilder) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(5, builder.hidden_size)).astype(np.float16)
+    audio = rng.normal(size=(3, builder.hidden_size)).astype(np.float16)
+    prompt = builder.build("<audio> then <image> what?", image, audio)
+    ids = prompt.input_ids.tolist()
+    v = builder.vocab_size
+    # Audio comes first in the text, so it takes the first fake ids and the first table rows.
+    first = ids.index(v)
+    assert ids[first : first + 3] == [v, v + 1, v + 2]
+    second = ids.index(v + 3)
+    assert ids[second : second + 5] == list(range(v + 3, v + 8))
+    np.testing.assert_array_equal(prompt.prompt_table, np.concatenate([audio, image]))
+    text_only = builder.build("<audio> then <image> what?".replace("<audio>", "").replace("<image>", ""))
+    assert text_only.prompt_table is None and max(text_only.input_ids) < v
+
+
+def test_media_without_placeholder_goes_first(builder: PromptBuilder) -> None:
+    image = np.zeros((2, builder.hidden_size), np.float16)
+    prompt = builder.build("describe", image)
+    ids = prompt.input_ids.tolist()
+    assert ids.index(builder.vocab_size) < ids.index(builder.tokenizer.encode("describe", add_special_tokens=False)[0])
+
+
+@pytest.mark.parametrize(
+    ("text", "image", "message"),
+    [
+        ("<image> and <image>", True, "input 'text_input': contains 2 <image> placeholders"),
+        ("look at <image>", False, "input 'text_input': contains <image> but no image was sent"),
+        ("word " * 2000, False, "over the engine's max input length of 1024"),
+    ],
+)
+def test_prompt_errors(builder: PromptBuilder, text: str, image: bool, message: str) -> None:
+    emb = np.zeros((4, builder.hidden_size), np.float16) if image else None
+    with pytest.raises(InputError, match=message):
+        builder.build(text, emb)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_tokens": 0}, "input 'max_tokens': 0 is outside 1..256"),
+        ({"max_tokens": 257}, "input 'max_tokens': 257 is outside 1..256"),
+        ({"temperature": -1.0}, "input 'temperature': -1.0 must be a finite number >= 0"),
+        ({"temperature": float("nan")}, "input 'temperature': nan must be"),
+        ({"top_k": -2}, "input 'top_k': -2 must be >= 0"),
+        ({"top_p": 1.5}, "input 'top_p': 1.5 must be within"),
+    ],
+)
+def test_sampling_errors(kwargs: dict, message: str) -> None:
+    args = {"max_tokens": 8, "temperature": None, "top_k": None, "top_p": None, **kwargs}
+    with pytest.raises(InputError, match=message):
+        check_sampling(**args, limits=SamplingLimits(max_output_len=256))
+
+
+def test_stop_words_layout_round_trips() -> None:
+    words = [[5, 6], [7], [8, 9, 10]]
+    tensor = stop_words_tensor(words)
+    assert tensor.tolist() == [[5, 6, 7, 8, 9, 10], [2, 3, 6, -1, -1, -1]]
+    assert parse_stop_words(tensor) == words
+    assert stop_words_tensor([]).tolist() == [[0], [-1]] and parse_stop_words(stop_words_tensor([])) == []
