@@ -16,8 +16,9 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+PROMPT ?= Describe the picture and answer the question in the recording.
 
-.PHONY: help setup build-engines samples serve embed test clean
+.PHONY: help setup build-engines samples serve embed chat demo test clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-15s %s\n", $$1, $$2}'
@@ -43,6 +44,12 @@ serve: build-engines ## run tritonserver on $(REPO) in the foreground (HTTP 8000
 
 embed: samples ## send the sample image and audio to a running server (make serve) and print the embeddings
 	$(PY) -m clients.embed --url localhost:$(GRPC_PORT) --image $(SAMPLES)/sample.jpg --audio $(SAMPLES)/sample.wav
+
+chat: samples ## stream an answer from a running server (make serve) for the sample image and audio
+	$(PY) -m clients chat --url localhost:$(GRPC_PORT) --image $(SAMPLES)/sample.jpg --audio $(SAMPLES)/sample.wav "$(PROMPT)"
+
+demo: build-engines samples ## set up, build, start the server, stream one image+audio+text answer, stop
+	$(PY) -m clients.demo --repo $(REPO) --image $(SAMPLES)/sample.jpg --audio $(SAMPLES)/sample.wav
 
 test: build-engines ## run the test suite (starts its own tritonserver on free ports)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class ClientError(RuntimeError):
     """Base class of every error the client library raises."""
@@ -19,11 +21,19 @@ class InferenceFailedError(ClientError):
     """The server accepted the request but failed to process it."""
 
 
+# Every input error this server raises starts with "input '<name>': " (mmtriton.validation.InputError).
+_INPUT_ERROR = re.compile(r"\binput '[^']+': ")
+
+
 def from_triton_exception(err: Exception) -> ClientError:
-    """Map a ``tritonclient`` exception to a typed client error."""
+    """Map a ``tritonclient`` exception to a typed client error.
+
+    Errors inside a gRPC stream carry only a message, no status code, so an
+    input error is also recognised by the server's ``input '<name>': `` prefix.
+    """
     status = str(getattr(err, "status", lambda: "")() or "")
     message = getattr(err, "message", lambda: str(err))() or str(err)
-    if "INVALID_ARGUMENT" in status or status == "400":
+    if "INVALID_ARGUMENT" in status or status == "400" or (not status and _INPUT_ERROR.search(message)):
         return InvalidInputError(message)
     if "UNAVAILABLE" in status or "unavailable" in message.lower() or "connect" in message.lower():
         return ServerUnavailableError(message)

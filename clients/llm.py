@@ -1,0 +1,335 @@
+"""Client library for the ``chat_*`` ensembles: gRPC streaming and HTTP (SSE and plain).
+
+The ensemble is chosen from the inputs given (``chat_text``, ``chat_image``,
+``chat_audio``, ``chat_image_audio``). Image and audio travel as their raw
+encoded bytes; nothing is decoded on the client. Every request carries a
+unique request id: the server's streaming detokenizer keys its state on it.
+
+Example::
+
+    client = ChatClient("localhost:8001")            # or ChatClient("localhost:8000", protocol="http")
+    for chunk in client.stream("Describe this", image=Path("cat.jpg").read_bytes()):
+        print(chunk.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from clients.errors import (
+    ClientError,
+    InferenceFailedError,
+    InvalidInputError,
+    ServerUnavailableError,
+    from_triton_exception,
+)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """User sampling inputs; ``None`` leaves the server's default (greedy)."""
+
+    max_tokens: int = 64
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_words: tuple[str, ...] = ()
+
+
+@dataclass
+class Chunk:
+    """One streamed piece of the answer."""
+
+    text: str
+    token_ids: list[int]
+    num_input_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class Answer:
+    """A whole answer with its timings.
+
+    Attributes:
+        ttft_s: Seconds from sending to the first token (the whole answer when not streaming).
+        total_s: Seconds from sending to the last response.
+    """
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    num_input_tokens: int = 0
+    num_output_tokens: int = 0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Output tokens per second after the first one (decode rate)."""
+        decode = self.total_s - self.ttft_s
+        return (self.num_output_tokens - 1) / decode if self.num_output_tokens > 1 and decode > 0 else 0.0
+
+
+def ensemble_for(has_image: bool, has_audio: bool) -> str:
+    """Name of the chat ensemble that takes exactly these media inputs."""
+    return {(False, False): "chat_text", (True, False): "chat_image", (False, True): "chat_audio"}.get(
+        (has_image, has_audio), "chat_image_audio"
+    )
+
+
+def _inputs(prompt: str, image: bytes | None, audio: bytes | None, sampling: Sampling, stream: bool) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "text_input": np.array([[prompt.encode("utf-8")]], dtype=np.object_),
+        "max_tokens": np.array([[sampling.max_tokens]], dtype=np.int32),
+        "stream": np.array([[stream]], dtype=bool),
+    }
+    if image is not None:
+        values["image"] = np.frombuffer(image, dtype=np.uint8).reshape(1, -1)
+    if audio is not None:
+        values["audio"] = np.frombuffer(audio, dtype=np.uint8).reshape(1, -1)
+    if sampling.temperature is not None:
+        values["temperature"] = np.array([[sampling.temperature]], dtype=np.float32)
+    if sampling.top_k is not None:
+        values["top_k"] = np.array([[sampling.top_k]], dtype=np.int32)
+    if sampling.top_p is not None:
+        values["top_p"] = np.array([[sampling.top_p]], dtype=np.float32)
+    if sampling.seed is not None:
+        values["seed"] = np.array([[sampling.seed]], dtype=np.uint64)
+    if sampling.stop_words:
+        values["stop_words"] = np.array([[w.encode("utf-8") for w in sampling.stop_words]], dtype=np.object_)
+    return values
+
+
+_TRITON_DTYPES = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32", np.dtype(np.uint64): "UINT64",
+                  np.dtype(bool): "BOOL", np.dtype(np.uint8): "UINT8", np.dtype(np.object_): "BYTES"}
+
+
+class ChatClient:
+    """Streams answers from the chat ensembles.
+
+    Args:
+        url: ``host:port`` of the gRPC (default 8001) or HTTP (default 8000) endpoint.
+        protocol: ``grpc`` (bidirectional streaming) or ``http`` (``generate_stream``
+            server-sent events, ``generate`` when not streaming).
+        timeout_s: Longest wait for any single response.
+    """
+
+    def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 120.0) -> None:
+        if protocol not in ("grpc", "http"):
+            raise ClientError(f"protocol must be grpc or http, not {protocol!r}")
+        self.url = url
+        self.protocol = protocol
+        self.timeout_s = timeout_s
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        image: bytes | None = None,
+        audio: bytes | None = None,
+        sampling: Sampling | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[Chunk]:
+        """Yield the answer piece by piece as the server generates it.
+
+        Raises:
+            InvalidInputError: The server rejected an input (the message names it).
+            ServerUnavailableError: The server cannot be reached.
+            ClientError: Any other failure.
+        """
+        model = ensemble_for(image is not None, audio is not None)
+        values = _inputs(prompt, image, audio, sampling or Sampling(), stream=True)
+        rid = request_id or uuid.uuid4().hex
+        if self.protocol == "grpc":
+            yield from self._grpc(model, values, rid)
+        else:
+            yield from self._http(model, values, rid, stream=True)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        image: bytes | None = None,
+        audio: bytes | None = None,
+        sampling: Sampling | None = None,
+        stream: bool = True,
+        request_id: str | None = None,
+        on_chunk: Callable[[Chunk], None] | None = None,
+    ) -> Answer:
+        """Return the whole answer, with time to first token and total time.
+
+        With ``stream=False`` the server sends one response holding every token.
+        ``on_chunk`` sees each piece as it arrives (e.g. to print it).
+        """
+        model = ensemble_for(image is not None, audio is not None)
+        values = _inputs(prompt, image, audio, sampling or Sampling(), stream=stream)
+        rid = request_id or uuid.uuid4().hex
+        answer = Answer()
+        start = time.perf_counter()
+        chunks = self._grpc(model, values, rid) if self.protocol == "grpc" else self._http(model, values, rid, stream)
+        for chunk in chunks:
+            if not answer.token_ids:
+                answer.ttft_s = time.perf_counter() - start
+            answer.text += chunk.text
+            answer.token_ids += chunk.token_ids
+            answer.num_input_tokens = chunk.num_input_tokens
+            answer.num_output_tokens = chunk.num_output_tokens
+            if on_chunk is not None:
+                on_chunk(chunk)
+        answer.total_s = time.perf_counter() - start
+        return answer
+
+    def stop(self, request_id: str) -> None:
+        """Cancel a running request by id (TensorRT-LLM's ``stop`` input, sent to ``tensorrt_llm``).
+
+        The chat ensembles pass the client's request id down to ``tensorrt_llm``;
+        a request there with ``stop=true`` and the same id ends that generation
+        and frees its slot. gRPC only (the model is decoupled).
+        """
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        values = {
+            "input_ids": np.zeros((1, 1), dtype=np.int32),
+            "input_lengths": np.ones((1, 1), dtype=np.int32),
+            "request_output_len": np.ones((1, 1), dtype=np.int32),
+            "stop": np.ones((1, 1), dtype=bool),
+        }
+        inputs = []
+        for name, value in values.items():
+            tensor = grpcclient.InferInput(name, list(value.shape), _TRITON_DTYPES[value.dtype])
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        done: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(self.url)
+        try:
+            client.start_stream(callback=lambda result, error: done.put(error))
+            client.async_stream_infer("tensorrt_llm", inputs, request_id=request_id, enable_empty_final_response=True)
+            error = done.get(timeout=self.timeout_s)
+            if error is not None:
+                raise from_triton_exception(error)
+        except InferenceServerException as err:
+            raise from_triton_exception(err) from None
+        finally:
+            client.stop_stream()
+            client.close()
+
+    # -- gRPC ---------------------------------------------------------------------------
+
+    def _grpc(self, model: str, values: dict[str, Any], request_id: str) -> Iterator[Chunk]:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        inputs = []
+        for name, value in values.items():
+            tensor = grpcclient.InferInput(name, list(value.shape), _TRITON_DTYPES[value.dtype])
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        responses: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(self.url)
+        try:
+            client.start_stream(callback=lambda result, error: responses.put((result, error)))
+            client.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
+            while True:
+                try:
+                    result, error = responses.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise InferenceFailedError(f"no response from {model} within {self.timeout_s:.0f} s") from None
+                if error is not None:
+                    raise from_triton_exception(error)
+                chunk = _grpc_chunk(result)
+                if chunk is not None:
+                    yield chunk
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    return
+        except InferenceServerException as err:
+            raise from_triton_exception(err) from None
+        finally:
+            # Closing the stream early (the caller stopped iterating) cancels the request on the server.
+            client.stop_stream(cancel_requests=True)
+            client.close()
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    def _http(self, model: str, values: dict[str, Any], request_id: str, stream: bool) -> Iterator[Chunk]:
+        body: dict[str, Any] = {"id": request_id}
+        for name, value in values.items():
+            flat = value.reshape(-1)
+            if value.dtype == np.object_:
+                items = [v.decode("utf-8") for v in flat]
+                body[name] = items if name == "stop_words" else items[0]
+            elif name in ("image", "audio"):
+                body[name] = flat.tolist()
+            else:
+                body[name] = flat[0].item()
+        endpoint = "generate_stream" if stream else "generate"
+        request = urllib.request.Request(
+            f"http://{self.url}/v2/models/{model}/{endpoint}",
+            data=json.dumps(body).encode("utf-8"),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                if not stream:
+                    yield _json_chunk(json.loads(resp.read()))
+                    return
+                for raw in resp:
+                    line = raw.decode("utf-8").strip()
+                    if not line.startswith("data:"):
+                        continue
+                    event = json.loads(line[len("data:") :])
+                    if "error" in event:
+                        raise _http_error(400, event["error"])
+                    chunk = _json_chunk(event)
+                    if chunk.token_ids or chunk.text:
+                        yield chunk
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode("utf-8", "replace")
+            try:
+                detail = json.loads(detail).get("error", detail)
+            except json.JSONDecodeError:
+                pass
+            raise _http_error(err.code, detail) from None
+        except urllib.error.URLError as err:
+            raise ServerUnavailableError(f"cannot reach http://{self.url}: {err.reason}") from None
+
+
+def _grpc_chunk(result: Any) -> Chunk | None:
+    text = result.as_numpy("text_output")
+    if text is None:
+        return None  # the empty final response
+    ids = result.as_numpy("output_ids")
+    return Chunk(
+        text=b"".join(t if isinstance(t, bytes) else str(t).encode() for t in text.reshape(-1)).decode("utf-8"),
+        token_ids=[] if ids is None else ids.reshape(-1).tolist(),
+        num_input_tokens=int(result.as_numpy("num_input_tokens").reshape(-1)[0]),
+        num_output_tokens=int(result.as_numpy("num_output_tokens").reshape(-1)[0]),
+    )
+
+
+def _json_chunk(event: dict[str, Any]) -> Chunk:
+    ids = event.get("output_ids", [])
+    return Chunk(
+        text=event.get("text_output", ""),
+        token_ids=ids if isinstance(ids, list) else [ids],
+        num_input_tokens=int(event.get("num_input_tokens", 0)),
+        num_output_tokens=int(event.get("num_output_tokens", 0)),
+    )
+
+
+def _http_error(code: int, message: str) -> ClientError:
+    if code == 400:
+        return InvalidInputError(message)
+    if code in (502, 503):
+        return ServerUnavailableError(message)
+    return InferenceFailedError(f"HTTP {code}: {message}")
