@@ -248,3 +248,25 @@ def test_stop_words_end_the_answer(client: ChatClient, reference: Reference) -> 
     # Generation ends right after the first occurrence; the stop sequence is kept (TensorRT-LLM behaviour).
     assert stopped.token_ids == free.token_ids[: first + len(stop_ids)]
     assert len(stopped.token_ids) < len(free.token_ids)
+
+
+def test_readme_commands(server: TritonServer, grpc_url: str, tmp_path: Path) -> None:
+    """The README's chat CLI line and its curl body for generate_stream."""
+    import subprocess
+    import sys
+
+    from mmtriton.samples import write_samples
+    from tests.conftest import ROOT
+
+    image, audio = write_samples(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "clients", "chat", "--url", grpc_url, "--image", str(image), "--audio", str(audio),
+         "--max-tokens", "8", "Describe this"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+    )
+    assert re.search(r"\[\d+ prompt tokens, \d+ output tokens, TTFT \d+ ms", out.stderr), out.stderr
+    body = json.dumps({"id": "req-1", "text_input": "Hello", "max_tokens": 16, "stream": True}).encode()
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/chat_text/generate_stream", data=body)
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        events = [json.loads(line[5:]) for line in resp.read().decode().splitlines() if line.startswith("data:")]
+    assert events and all("text_output" in e for e in events)
