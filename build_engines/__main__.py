@@ -39,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     p_render.add_argument("--bundle", type=Path, required=True)
     p_render.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     p_render.add_argument("--out", type=Path, required=True)
+    p_render.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a spec value for this repository only, e.g. serving.max_batch_size=1",
+    )
     p_all = sub.add_parser("all", help="bundle, then render (folders named by spec and profile)")
     p_all.add_argument("--spec", type=Path, required=True)
     p_all.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
@@ -52,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bundle":
             _bundle(args.spec, args.out, args.force)
         elif args.command == "render":
-            render_repository(args.bundle, args.out, args.profile)
+            bad = [item for item in args.set if "=" not in item]
+            if bad:
+                parser.error(f"--set expects SECTION.KEY=VALUE, got {bad}")
+            overrides = dict(item.split("=", 1) for item in args.set)
+            render_repository(args.bundle, args.out, args.profile, overrides=overrides)
         else:
             name = load_spec(args.spec).name
             bundle = _bundle(args.spec, args.build_dir / "bundles" / name, args.force)

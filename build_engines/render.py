@@ -22,7 +22,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines.ensembles import ENSEMBLES, Ensemble, build_ensemble, check_wiring
-from build_engines.spec import ModelSpec, spec_from_dict
+from build_engines.spec import ModelSpec, spec_from_dict, with_overrides
 
 LOGGER = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ def render_repository(
     *,
     template_root: Path = TEMPLATE_ROOT,
     ensembles: tuple[Ensemble, ...] = ENSEMBLES,
+    overrides: dict[str, str] | None = None,
 ) -> Path:
     """Render a complete model repository for a bundle and a profile.
 
@@ -214,6 +215,8 @@ def render_repository(
         profile_name: ``cpu`` (the only profile rendered so far).
         template_root: Folder of model templates (tests point it at broken copies).
         ensembles: Ensemble descriptions to generate.
+        overrides: Serving-time spec changes for this repository only, as
+            ``{"serving.max_batch_size": "1"}`` (the bundle is not rebuilt).
 
     Returns:
         ``out_dir``, after every config parsed and the wiring check passed.
@@ -226,6 +229,8 @@ def render_repository(
     profile = PROFILES[profile_name]
     bundle = {**json.loads((bundle_dir / "bundle.json").read_text()), "dir": str(bundle_dir)}
     spec = spec_from_dict(bundle["spec"])
+    if overrides:
+        spec = with_overrides(spec, overrides)
     values = template_values(spec, bundle, profile)
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -258,7 +263,12 @@ def render_repository(
         (staging / ensemble.name / "config.pbtxt").write_text(text_format.MessageToString(config))
 
     verify_repository(staging)
-    manifest = {"profile": profile.name, "spec": spec.name, "bundle": str(bundle_dir.resolve())}
+    manifest = {
+        "profile": profile.name,
+        "spec": spec.name,
+        "bundle": str(bundle_dir.resolve()),
+        "overrides": overrides or {},
+    }
     (staging / "repository.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)

@@ -209,3 +209,25 @@ def load_spec(path: str | Path) -> ModelSpec:
 def spec_from_dict(data: dict[str, Any]) -> ModelSpec:
     """Rebuild a spec from :meth:`ModelSpec.to_dict` output (as stored in ``bundle.json``)."""
     return _build(ModelSpec, data, "bundle.json")
+
+
+def with_overrides(spec: ModelSpec, overrides: dict[str, str]) -> ModelSpec:
+    """A copy of ``spec`` with ``section.key`` values replaced (e.g. ``serving.max_batch_size=1``).
+
+    Values are parsed as TOML values (``1``, ``0.5``, ``true``, ``"text"``); a bare
+    word is taken as a string. The result goes through the same checks as a file.
+
+    Raises:
+        SpecError: Unknown key or a value of the wrong kind.
+    """
+    data = spec.to_dict()
+    for dotted, raw in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in data or not isinstance(data[section], dict) or key not in data[section]:
+            raise SpecError(f"override {dotted!r}: no such spec key")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        data[section][key] = value
+    return dataclasses.replace(_build(ModelSpec, data, "overrides"), source=spec.source)
