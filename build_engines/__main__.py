@@ -20,11 +20,11 @@ from build_engines.spec import SpecError, load_spec
 LOGGER = logging.getLogger("build_engines")
 
 
-def _bundle(spec_path: Path, out: Path, force: bool) -> Path:
+def _bundle(spec_path: Path, out: Path, force: bool, device: str = "cpu") -> Path:
     from build_engines.bundle import build_bundle  # torch import is slow; only when needed
 
     spec = load_spec(spec_path)
-    return build_bundle(spec, out, force=force)
+    return build_bundle(spec, out, force=force, device=device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bundle.add_argument("--spec", type=Path, required=True)
     p_bundle.add_argument("--out", type=Path, required=True)
     p_bundle.add_argument("--force", action="store_true", help="rebuild even if the bundle is up to date")
+    p_bundle.add_argument("--device", default="cpu", help="where random LLM weights are made (cuda for 9B shapes)")
     p_render = sub.add_parser("render", help="render and check a model repository for a profile")
     p_render.add_argument("--bundle", type=Path, required=True)
     p_render.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         if args.command == "bundle":
-            _bundle(args.spec, args.out, args.force)
+            _bundle(args.spec, args.out, args.force, args.device)
         elif args.command == "render":
             bad = [item for item in args.set if "=" not in item]
             if bad:

@@ -118,7 +118,7 @@ def chat_template(image_token: str, audio_token: str) -> str:
     return text
 
 
-def build_bundle(spec: ModelSpec, out_dir: Path, *, force: bool = False) -> Path:
+def build_bundle(spec: ModelSpec, out_dir: Path, *, force: bool = False, device: str = "cpu") -> Path:
     """Build every artifact the server needs for ``spec`` into ``out_dir``.
 
     Args:
@@ -126,6 +126,8 @@ def build_bundle(spec: ModelSpec, out_dir: Path, *, force: bool = False) -> Path
         out_dir: Bundle directory; created if missing. Only ``bundle.json``,
             ``llm/``, ``vision_encoder/`` and ``audio_encoder/`` inside it are replaced.
         force: Rebuild even if ``out_dir`` already holds a bundle of the same spec.
+        device: Where random LLM weights are initialised (``cuda`` makes a 9B-shaped
+            model in seconds; the values then differ from a CPU build of the same seed).
 
     Returns:
         ``out_dir``.
@@ -153,7 +155,7 @@ def build_bundle(spec: ModelSpec, out_dir: Path, *, force: bool = False) -> Path
         tokenizer = _build_tokenizer(spec, llm_dir)
     token_ids = _token_ids(spec, tokenizer)
     with _step("llm"):
-        llm_hidden = _build_llm(spec, llm_dir, len(tokenizer), token_ids)
+        llm_hidden, llm_vocab = _build_llm(spec, llm_dir, len(tokenizer), token_ids, device)
     with _step("vision encoder"):
         _build_vision(spec, out_dir / "vision_encoder", llm_hidden)
     with _step("audio encoder"):
@@ -162,7 +164,8 @@ def build_bundle(spec: ModelSpec, out_dir: Path, *, force: bool = False) -> Path
     manifest = {
         "format": BUNDLE_FORMAT,
         "spec": spec_data,
-        "vocab_size": len(tokenizer),
+        # The LLM's embedding rows: fake prompt-table ids start here (may exceed the tokenizer's size).
+        "vocab_size": llm_vocab,
         "llm_hidden_size": llm_hidden,
         "token_ids": token_ids,
         "files": _hash_files(out_dir),
@@ -233,11 +236,17 @@ def _is_current(out_dir: Path, spec_data: dict[str, Any]) -> bool:
     return all((out_dir / rel).is_file() for rel in manifest.get("files", {}))
 
 
+# Files above this size (multi-GB weights of a 9B-shaped bundle) are recorded by size, not hashed.
+HASH_LIMIT_BYTES = 1 << 30
+
+
 def _hash_files(out_dir: Path) -> dict[str, str]:
     hashes: dict[str, str] = {}
     for name in ("llm", "vision_encoder", "audio_encoder"):
         for path in sorted((out_dir / name).rglob("*")):
-            if path.is_file():
+            if path.is_file() and path.stat().st_size > HASH_LIMIT_BYTES:
+                hashes[path.relative_to(out_dir).as_posix()] = f"size:{path.stat().st_size}"
+            elif path.is_file():
                 digest = hashlib.sha256()
                 with open(path, "rb") as fh:
                     for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -366,11 +375,16 @@ def _token_ids(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast) -> dict[str,
 # --------------------------------------------------------------------------- llm
 
 
-def _build_llm(spec: ModelSpec, llm_dir: Path, vocab_size: int, token_ids: dict[str, int]) -> int:
-    """Write the LLM checkpoint into ``llm_dir``; return its hidden size."""
+def _build_llm(
+    spec: ModelSpec, llm_dir: Path, tokenizer_size: int, token_ids: dict[str, int], device: str = "cpu"
+) -> tuple[int, int]:
+    """Write the LLM checkpoint into ``llm_dir``; return its hidden size and vocabulary size."""
     lspec = spec.llm
     if lspec.checkpoint:
-        return _link_checkpoint(Path(lspec.checkpoint), llm_dir, vocab_size)
+        return _link_checkpoint(Path(lspec.checkpoint), llm_dir, tokenizer_size)
+    if 0 < lspec.vocab_size < tokenizer_size:
+        raise BundleError(f"llm.vocab_size {lspec.vocab_size} is smaller than the tokenizer's {tokenizer_size} tokens")
+    vocab_size = lspec.vocab_size or tokenizer_size
     if lspec.family != "llama":
         raise BundleError(f"random weights are only built for family 'llama', not {lspec.family!r}")
     dtype = getattr(torch, lspec.dtype, None)
@@ -389,21 +403,24 @@ def _build_llm(spec: ModelSpec, llm_dir: Path, vocab_size: int, token_ids: dict[
         pad_token_id=token_ids["pad"],
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[] if device == "cpu" else [torch.device(device)]):
         torch.manual_seed(spec.seed)
-        model = LlamaForCausalLM(config)
+        with torch.device(device):
+            # Initialised in the target dtype on the target device: a 9B-shaped model in seconds on a GPU.
+            model = LlamaForCausalLM._from_config(config, dtype=dtype) if device != "cpu" else LlamaForCausalLM(config)
     with _no_progress_bars():
         model.to(dtype).save_pretrained(llm_dir, safe_serialization=True)
+    del model
     stop_ids = [token_ids["eos"]] + ([token_ids["end"]] if "end" in token_ids else [])
     GenerationConfig(
         bos_token_id=token_ids["bos"],
         eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
         pad_token_id=token_ids["pad"],
     ).save_pretrained(llm_dir)
-    return lspec.hidden_size
+    return lspec.hidden_size, vocab_size
 
 
-def _link_checkpoint(checkpoint: Path, llm_dir: Path, vocab_size: int) -> int:
+def _link_checkpoint(checkpoint: Path, llm_dir: Path, vocab_size: int) -> tuple[int, int]:
     """Symlink a local checkpoint's files (not its tokenizer) into ``llm_dir``."""
     config_path = checkpoint / "config.json"
     if not config_path.is_file():
@@ -423,7 +440,7 @@ def _link_checkpoint(checkpoint: Path, llm_dir: Path, vocab_size: int) -> int:
         target = llm_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(path, target)
-    return hidden
+    return hidden, vocab if isinstance(vocab, int) else vocab_size
 
 
 # --------------------------------------------------------------------------- encoders

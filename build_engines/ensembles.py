@@ -53,7 +53,17 @@ EMBED_ENSEMBLES: tuple[Ensemble, ...] = (
 
 # Public inputs of every chat ensemble besides the media; the user-facing names of the
 # TensorRT-LLM "ensemble" model (text_input, max_tokens, top_k, ...).
-CHAT_INPUTS = ("text_input", "max_tokens", "temperature", "top_k", "top_p", "seed", "stream", "stop_words")
+CHAT_INPUTS = (
+    "text_input",
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "stream",
+    "stop_words",
+    "ignore_eos",
+)
 CHAT_OUTPUTS = ("text_output", "output_ids", "num_input_tokens", "num_output_tokens")
 
 
@@ -71,6 +81,7 @@ def llm_steps(image: bool, audio: bool) -> tuple[Step, ...]:
         "TEMPERATURE": "temperature",
         "TOP_K": "top_k",
         "TOP_P": "top_p",
+        "IGNORE_EOS": "ignore_eos",
     }
     pre_out = {
         "INPUT_ID": "_INPUT_ID",

@@ -48,10 +48,15 @@ class Profile:
     llm_backend: str
     llm_device: str
     device_id: int | None
+    encoder_runtime: str
 
 
 PROFILES: dict[str, Profile] = {
-    "cpu": Profile("cpu", "python", "KIND_CPU", "python", "KIND_CPU", "python", "cpu", None),
+    # Everything on the python backend, on the CPU: development, CI, the demo.
+    "cpu": Profile("cpu", "python", "KIND_CPU", "python", "KIND_CPU", "python", "cpu", None, "onnxruntime"),
+    # The same python-backend models on one GPU: DALI with device_id 0 ("mixed" decoding,
+    # GPU MFCC), encoders in PyTorch, the continuous-batching engine on CUDA.
+    "cuda": Profile("cuda", "python", "KIND_GPU", "python", "KIND_GPU", "python", "cuda", 0, "torch"),
 }
 
 
@@ -105,6 +110,8 @@ def template_values(spec: ModelSpec, bundle: dict[str, Any], profile: Profile) -
         "preprocess_kind": profile.preprocess_kind,
         "encoder_backend": profile.encoder_backend,
         "encoder_kind": profile.encoder_kind,
+        "encoder_runtime": profile.encoder_runtime,
+        "encoder_device": "cpu" if profile.device_id is None else f"cuda:{profile.device_id}",
         "dali_num_threads": 2,
         "image_size": spec.vision.image_size,
         "image_tokens": spec.vision.tokens_per_image,
@@ -249,6 +256,10 @@ def render_repository(
             shutil.copy2(src / "1" / "dali.py", version / "dali.py")
             settings = preprocess_settings(spec, model, profile, int(values["dali_num_threads"]))
             (version / "preprocess.json").write_text(json.dumps(settings, indent=2) + "\n")
+        elif model in ENCODER_MODELS and profile.encoder_runtime == "torch":
+            _link_or_copy(bundle_dir / model / "model.safetensors", version / "model.safetensors")
+            info = {"spec": bundle["spec"], "llm_hidden_size": bundle["llm_hidden_size"]}
+            (version / "encoder.json").write_text(json.dumps(info, indent=2) + "\n")
         elif model in ENCODER_MODELS:
             _link_or_copy(bundle_dir / model / "model.onnx", version / "model.onnx")
         if config.backend == "python":

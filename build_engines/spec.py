@@ -27,6 +27,7 @@ class LLMSpec:
     family: str
     checkpoint: str
     dtype: str
+    vocab_size: int
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int

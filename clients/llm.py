@@ -45,6 +45,7 @@ class Sampling:
     top_p: float | None = None
     seed: int | None = None
     stop_words: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run every answer to max_tokens (benchmarks)
 
 
 @dataclass
@@ -105,6 +106,8 @@ def _inputs(prompt: str, image: bytes | None, audio: bytes | None, sampling: Sam
         values["top_p"] = np.array([[sampling.top_p]], dtype=np.float32)
     if sampling.seed is not None:
         values["seed"] = np.array([[sampling.seed]], dtype=np.uint64)
+    if sampling.ignore_eos:
+        values["ignore_eos"] = np.array([[True]], dtype=bool)
     if sampling.stop_words:
         values["stop_words"] = np.array([[w.encode("utf-8") for w in sampling.stop_words]], dtype=np.object_)
     return values

@@ -270,3 +270,18 @@ def test_readme_commands(server: TritonServer, grpc_url: str, tmp_path: Path) ->
     with urllib.request.urlopen(request, timeout=60) as resp:
         events = [json.loads(line[5:]) for line in resp.read().decode().splitlines() if line.startswith("data:")]
     assert events and all("text_output" in e for e in events)
+
+
+def test_ignore_eos_runs_to_max_tokens(client: ChatClient, reference: Reference) -> None:
+    """Find a prompt the model ends early, then ask again with ignore_eos."""
+    for i in range(40):
+        prompt = f"Prompt {i} that may end early"
+        free = client.generate(prompt, sampling=Sampling(max_tokens=48))
+        if free.num_output_tokens < 48:
+            break
+    else:
+        pytest.skip("no prompt among 40 made the tiny model emit its end token")
+    full = client.generate(prompt, sampling=Sampling(max_tokens=48, ignore_eos=True))
+    assert full.num_output_tokens == 48
+    assert full.token_ids[: len(free.token_ids)] == free.token_ids
+    assert full.token_ids[len(free.token_ids)] == reference.end_id

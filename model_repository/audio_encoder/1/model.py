@@ -1,7 +1,8 @@
-"""CPU-profile audio_encoder: the bundle's ONNX encoder on onnxruntime."""
+"""audio_encoder on the python backend: the bundle's ONNX file on onnxruntime (CPU), or its weights in PyTorch (GPU)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,16 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.encoder = OnnxEncoder(version_dir / "model.onnx")
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        if params["runtime"] == "torch":
+            from mmtriton.torch_runtime import TorchEncoder
+
+            info = json.loads((version_dir / "encoder.json").read_text())
+            self.encoder = TorchEncoder(
+                args["model_name"], version_dir / "model.safetensors", info["spec"], info["llm_hidden_size"], params["device"]
+            )
+        else:
+            self.encoder = OnnxEncoder(version_dir / "model.onnx")
 
     def execute(self, requests: list) -> list:
         features = [pb_utils.get_input_tensor_by_name(r, "features").as_numpy() for r in requests]

@@ -60,7 +60,8 @@ class TritonPythonModel:
             "INPUT_ID": prompt.input_ids[None],
             "REQUEST_INPUT_LEN": np.array([[prompt.input_ids.size]], dtype=np.int32),
             "OUT_REQUEST_OUTPUT_LEN": np.array([[max_tokens]], dtype=np.int32),
-            "OUT_END_ID": np.array([[self.end_id]], dtype=np.int32),
+            # ignore_eos (benchmarks): an end id no token has, so every answer runs to max_tokens.
+            "OUT_END_ID": np.array([[-1 if _scalar(request, "IGNORE_EOS") else self.end_id]], dtype=np.int32),
             "OUT_PAD_ID": np.array([[self.pad_id]], dtype=np.int32),
             "STOP_WORDS_IDS": self.builder.encode_stop_words(words)[None],
             "RETURN_NUM_TOKENS": np.array([[True]], dtype=bool),
