@@ -1,0 +1,108 @@
+"""GPU checks (``pytest -m gpu``): skipped where no CUDA device is present.
+
+Run by ``tools/gpu_host.sh`` on a GPU host. They compare the ``cuda`` profile
+with the ``cpu`` profile on the same bytes and the same tiny bundle.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+]
+
+
+@pytest.fixture(scope="module")
+def cuda_repo(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from build_engines.render import render_repository
+
+    return render_repository(bundle_dir, tmp_path_factory.mktemp("repo") / "repo-cuda", "cuda")
+
+
+def _u8(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, np.uint8)
+
+
+# nvJPEG ("mixed") and libjpeg-turbo differ in IDCT and chroma upsampling by a level or two;
+# the GPU resize differs from the CPU one in float rounding. Normalized units: 1 level ~ 0.017.
+GPU_IMAGE_MEAN_TOL = 0.03
+GPU_IMAGE_MAX_TOL = 0.5
+# The MFCC chain on the GPU (cuFFT, GPU reductions) against the CPU one, unit-variance MFCCs.
+GPU_MFCC_ATOL = 5e-3
+
+
+def test_gpu_image_preprocessing_matches_cpu(cpu_repo: Path, cuda_repo: Path) -> None:
+    from mmtriton.preprocess import ImagePreprocessor
+
+    cpu = ImagePreprocessor(cpu_repo / "image_preprocess" / "1" / "dali.py")
+    gpu = ImagePreprocessor(cuda_repo / "image_preprocess" / "1" / "dali.py")
+    assert gpu.config["decoder_device"] == "mixed" and gpu.config["device_id"] == 0
+    payloads = [
+        encode_image(synthetic_image(1280, 960, seed=1), "JPEG"),
+        encode_image(synthetic_image(300, 500, seed=2), "PNG", "RGBA"),
+        encode_image(synthetic_image(200, 90, seed=3), "WEBP"),
+    ]
+    for data, a, b in zip(payloads, cpu([_u8(p) for p in payloads]), gpu([_u8(p) for p in payloads])):
+        diff = np.abs(a[0].astype(np.float32) - b[0].astype(np.float32))
+        assert diff.mean() < GPU_IMAGE_MEAN_TOL and diff.max() < GPU_IMAGE_MAX_TOL, (diff.mean(), diff.max())
+
+
+def test_gpu_mfcc_matches_cpu(cpu_repo: Path, cuda_repo: Path) -> None:
+    from mmtriton.preprocess import AudioPreprocessor
+
+    cpu = AudioPreprocessor(cpu_repo / "audio_preprocess" / "1" / "dali.py")
+    gpu = AudioPreprocessor(cuda_repo / "audio_preprocess" / "1" / "dali.py")
+    assert gpu.config["device"] == "gpu"
+    payloads = [
+        encode_audio(synthetic_audio(16000, 10.0, seed=1), 16000, "WAV"),
+        encode_audio(synthetic_audio(44100, 3.0, 2, seed=2), 44100, "FLAC"),
+    ]
+    for a, b in zip(cpu([_u8(p) for p in payloads]), gpu([_u8(p) for p in payloads])):
+        assert a[0].shape == b[0].shape
+        np.testing.assert_allclose(b[0], a[0], atol=GPU_MFCC_ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def cuda_server(cuda_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator["TritonServer"]:
+    from mmtriton.server import TritonServer
+    from tests.conftest import ROOT
+
+    srv = TritonServer(model_repository=cuda_repo, work_dir=tmp_path_factory.mktemp("cuda-server"), pythonpath=[ROOT])
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_served_cuda_ensemble_matches_cpu_greedy(cuda_server: "TritonServer", server: "TritonServer") -> None:
+    """The same requests through the cuda and the cpu repositories give the same greedy tokens."""
+    from clients.llm import ChatClient, Sampling
+
+    # PNG decodes on the CPU under "mixed" too, so both sides start from identical pixels.
+    image = encode_image(synthetic_image(640, 480, seed=5), "PNG")
+    audio = encode_audio(synthetic_audio(16000, 2.0, seed=6), 16000, "WAV")
+    gpu, cpu = ChatClient(cuda_server.grpc_url), ChatClient(server.grpc_url)
+    results = {}
+    for name, kwargs in {"text": {}, "image+audio": {"image": image, "audio": audio}}.items():
+        sampling = Sampling(max_tokens=32, ignore_eos=True)
+        a = cpu.generate("Describe everything.", sampling=sampling, **kwargs)
+        b = gpu.generate("Describe everything.", sampling=sampling, **kwargs)
+        same = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
+        results[name] = {"cpu": a.token_ids, "cuda": b.token_ids, "first_difference": same}
+    print(json.dumps(results))
+    # Text only: exact. The tiny bundle runs in float32 on both (PyTorch leaves TF32 matmuls off).
+    assert results["text"]["cuda"] == results["text"]["cpu"], results["text"]["first_difference"]
+    # With media the prompt-table rows differ slightly (GPU resize and MFCC within the tolerances
+    # above), which may flip a near-tie late in a random model's answer: the first 16 tokens must agree.
+    assert results["image+audio"]["first_difference"] >= 16, results["image+audio"]

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# GPU checks and measurements on a bare GPU host with no internet access.
+#
+# The host needs Python with PyTorch (CUDA) and this checkout. Everything else comes
+# as wheels in one folder (see "Wheels" in the README): Triton 2.51 (nvidia-pytriton),
+# DALI 2.4 for CUDA 13 and its nvImageCodec/nvJPEG wheels, transformers 5.24 and the
+# few small packages the python models import. Steps, in order:
+#
+#   tools/gpu_host.sh receive FILE...   copy wheel archive pieces (part-NN) into $WHEELS/parts
+#   tools/gpu_host.sh install           join the pieces if any, pip install --target $SITE (no index)
+#   tools/gpu_host.sh checks            tiny bundle: pytest -m gpu (GPU vs CPU preprocessing, served
+#                                       cuda-profile greedy tokens vs the cpu profile)
+#   tools/gpu_host.sh preprocess        preprocessing samples/s: raw DALI GPU, served, CPU path
+#   tools/gpu_host.sh decode            9B-shaped bundle (built on the GPU); decode step vs weight-read floor
+#   tools/gpu_host.sh serve             9B-shaped model served: before (batch 1) / after (in-flight batching)
+#   tools/gpu_host.sh pack DEST         tar the results folder into DEST/results.tar.gz
+#   tools/gpu_host.sh all               install, checks, preprocess, decode, serve
+#
+# Results go to $RESULTS (default /tmp/mm-work/results). Each step logs to $RESULTS/<step>.log.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WHEELS=${WHEELS:-/tmp/mm-wheels}
+SITE=${SITE:-/tmp/mm-site}
+WORK=${WORK:-/tmp/mm-work}
+RESULTS=${RESULTS:-$WORK/results}
+PY=${PYTHON:-python3}
+CONCURRENCY=${CONCURRENCY:-16,32}
+export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+mkdir -p "$WHEELS/parts" "$WORK" "$RESULTS"
+
+log() { echo "[gpu_host $(date +%H:%M:%S)] $*" >&2; }
+
+step_receive() {
+  for f in "$@"; do cp "$f" "$WHEELS/parts/"; log "received $(basename "$f") ($(du -h "$f" | cut -f1))"; done
+}
+
+step_install() {
+  if compgen -G "$WHEELS/parts/part-*" >/dev/null; then
+    cat "$WHEELS"/parts/part-* | tar -x -C "$WHEELS"
+    log "joined $(ls "$WHEELS"/parts | wc -l) pieces"
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+  "$PY" - <<'EOF'
+import torch, transformers, nvidia.dali, pytriton, tritonclient
+print(f"torch {torch.__version__} cuda {torch.version.cuda} gpu {torch.cuda.get_device_name(0)}")
+print(f"transformers {transformers.__version__} dali {nvidia.dali.__version__}")
+EOF
+}
+
+tiny_bundle() {
+  "$PY" -m build_engines bundle --spec "$ROOT/build_engines/specs/tiny.toml" --out "$WORK/bundles/tiny-mm"
+}
+
+step_checks() {
+  tiny_bundle
+  (cd "$ROOT" && MMTRITON_BUILD="$WORK" "$PY" -m pytest tests/test_gpu.py -m gpu -v -s -p no:cacheprovider \
+    --junitxml="$RESULTS/gpu-checks.xml") 2>&1 | tee "$RESULTS/checks.log"
+}
+
+step_preprocess() {
+  tiny_bundle
+  # The 9B spec's image size (224) and batches up to 128; only the two preprocessing models load.
+  local set=(--set vision.image_size=224 --set serving.max_batch_size=128 --set serving.preprocess_instances=2)
+  "$PY" -m build_engines render --bundle "$WORK/bundles/tiny-mm" --profile cuda --out "$WORK/repo-pre-cuda" "${set[@]}"
+  "$PY" -m build_engines render --bundle "$WORK/bundles/tiny-mm" --profile cpu --out "$WORK/repo-pre-cpu" "${set[@]}"
+  "$PY" - "$WORK" "$RESULTS" <<'EOF' 2>&1 | tee "$RESULTS/preprocess.log"
+import sys
+from pathlib import Path
+from clients.bench_preprocess import main
+from mmtriton.server import TritonServer
+
+work, results = Path(sys.argv[1]), Path(sys.argv[2])
+root = Path.cwd()
+server = TritonServer(
+    model_repository=work / "repo-pre-cuda",
+    work_dir=work / "server-pre",
+    extra_args=["--model-control-mode=explicit", "--load-model=image_preprocess", "--load-model=audio_preprocess"],
+    pythonpath=[root],
+)
+with server:
+    main(["--cuda-repo", str(work / "repo-pre-cuda"), "--cpu-repo", str(work / "repo-pre-cpu"),
+          "--url", server.grpc_url, "--batch", "64,128", "--out", str(results / "preprocess")])
+EOF
+}
+
+big_bundle() {
+  if [ ! -f "$WORK/bundles/glm4-9b-shape/bundle.json" ]; then
+    "$PY" -m build_engines bundle --spec "$ROOT/build_engines/specs/glm4-9b-shape.toml" \
+      --out "$WORK/bundles/glm4-9b-shape" --device cuda
+  fi
+}
+
+step_decode() {
+  big_bundle 2>&1 | tee "$RESULTS/bundle-9b.log"
+  "$PY" -m clients.bench_decode --llm "$WORK/bundles/glm4-9b-shape/llm" --out "$RESULTS/decode" 2>&1 \
+    | tee "$RESULTS/decode.log"
+}
+
+step_serve() {
+  big_bundle
+  "$PY" -m build_engines render --bundle "$WORK/bundles/glm4-9b-shape" --profile cuda --out "$WORK/repo-9b-after"
+  "$PY" -m build_engines render --bundle "$WORK/bundles/glm4-9b-shape" --profile cuda --out "$WORK/repo-9b-before" \
+    --set serving.max_batch_size=1
+  "$PY" -m clients.bench --start-cpu-server --compare "$WORK/repo-9b-before" "$WORK/repo-9b-after" \
+    --concurrency "$CONCURRENCY" --requests "${REQUESTS:-64}" --input-tokens 512 --input-spread 32 \
+    --output-tokens 256 --image-share 0.25 --audio-share 0.25 --warmup 2 --results "$RESULTS/serve" \
+    2>&1 | tee "$RESULTS/serve.log"
+}
+
+step_pack() {
+  local dest=${1:?pack needs a destination folder}
+  mkdir -p "$dest"
+  tar -czf "$dest/results.tar.gz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
+  log "wrote $dest/results.tar.gz"
+}
+
+cd "$ROOT"
+step=${1:?usage: tools/gpu_host.sh receive|install|checks|preprocess|decode|serve|pack|all}
+shift
+case "$step" in
+  receive) step_receive "$@" ;;
+  install) step_install ;;
+  checks) step_checks ;;
+  preprocess) step_preprocess ;;
+  decode) step_decode ;;
+  serve) step_serve ;;
+  pack) step_pack "$@" ;;
+  all) step_install; step_checks; step_preprocess; step_decode; step_serve ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
