@@ -18,7 +18,7 @@ METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 PROMPT ?= Describe the picture and answer the question in the recording.
 
-.PHONY: help setup build-engines samples serve embed chat demo test clean
+.PHONY: help setup build-engines samples serve embed chat demo test clean gpu-plan gpu-image gpu-engines gpu-up monitoring-up check-deploy
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-15s %s\n", $$1, $$2}'
@@ -53,6 +53,25 @@ demo: build-engines samples ## set up, build, start the server, stream one image
 
 test: build-engines ## run the test suite (starts its own tritonserver on free ports)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+gpu-plan: setup ## print the TP=2 GPU build plan (convert, trtllm-build, trtexec) for SPEC without running it
+	$(PY) -m build_engines bundle --spec $(SPEC) --out $(BUNDLE)
+	$(PY) -m build_engines.gpu --spec $(SPEC) --bundle $(BUNDLE) --out $(BUILD)/engines/$(SPEC_NAME) --dry-run
+
+gpu-image: ## GPU host: build the serving image (Triton 26.07 trtllm + DALI backend)
+	docker compose build
+
+gpu-engines: ## GPU host: build engines, encoder plan and the gpu repository in the container
+	SPEC=$(SPEC) SPEC_NAME=$(SPEC_NAME) docker compose --profile build run --rm build-engines
+
+gpu-up: ## GPU host: serve with TP=2 (mpirun leader mode) on ports 8000/8001/8002
+	SPEC_NAME=$(SPEC_NAME) docker compose up -d triton
+
+monitoring-up: ## GPU host: Prometheus (:9090) and Grafana (:3000) with the Triton dashboard
+	docker compose --profile monitoring up -d
+
+check-deploy: ## validate docker-compose.yml and monitoring/prometheus.yml with the real tools
+	docker-compose config -q && promtool check config monitoring/prometheus.yml
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf $(BUILD)

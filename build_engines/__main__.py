@@ -27,6 +27,23 @@ def _bundle(spec_path: Path, out: Path, force: bool, device: str = "cpu") -> Pat
     return build_bundle(spec, out, force=force, device=device)
 
 
+def _gpu_engines(spec_path: Path, bundle: Path, engines: Path) -> None:
+    """Build the TensorRT-LLM engines and encoder plans where a GPU and the tools exist.
+
+    Elsewhere (CI) the full build plan is printed and the step is reported as skipped;
+    the gpu repository is still rendered and checked.
+    """
+    from build_engines import gpu
+
+    plan = gpu.plan_gpu_build(load_spec(spec_path), bundle, engines)
+    missing = gpu.preflight(plan)
+    if missing:
+        LOGGER.warning("skipped the GPU build (%s); this is the plan it would run:", "; ".join(missing))
+        print(gpu.describe_plan(plan))  # noqa: T201 - the plan is this command's output
+        return
+    gpu.run_plan(plan)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="build_engines", description=__doc__.splitlines()[0])
@@ -40,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p_render.add_argument("--bundle", type=Path, required=True)
     p_render.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     p_render.add_argument("--out", type=Path, required=True)
+    p_render.add_argument("--engines", type=Path, help="gpu profile: the folder python -m build_engines.gpu writes")
     p_render.add_argument(
         "--set",
         action="append",
@@ -64,11 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 parser.error(f"--set expects SECTION.KEY=VALUE, got {bad}")
             overrides = dict(item.split("=", 1) for item in args.set)
-            render_repository(args.bundle, args.out, args.profile, overrides=overrides)
+            render_repository(args.bundle, args.out, args.profile, overrides=overrides, engines_dir=args.engines)
         else:
             name = load_spec(args.spec).name
             bundle = _bundle(args.spec, args.build_dir / "bundles" / name, args.force)
-            render_repository(bundle, args.build_dir / f"repo-{args.profile}-{name}", args.profile)
+            engines = args.build_dir / "engines" / name
+            if args.profile == "gpu":
+                _gpu_engines(args.spec, bundle, engines)
+            render_repository(bundle, args.build_dir / f"repo-{args.profile}-{name}", args.profile, engines_dir=engines)
     except (SpecError, RenderError, FileNotFoundError) as err:
         LOGGER.error("%s", err)
         return 2

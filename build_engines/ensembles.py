@@ -33,23 +33,28 @@ class Ensemble:
     outputs: tuple[str, ...]
 
 
-IMAGE_STEPS = (
-    Step("image_preprocess", {"image": "image"}, {"pixel_values": "_pixel_values"}),
-    Step("vision_encoder", {"pixel_values": "_pixel_values"}, {"embeddings": "image_embeddings"}),
-)
-AUDIO_STEPS = (
-    Step("audio_preprocess", {"audio": "audio"}, {"mfcc": "_mfcc", "mfcc_length": "_mfcc_length"}),
-    Step("audio_encoder", {"features": "_mfcc", "feature_length": "_mfcc_length"}, {"embeddings": "audio_embeddings"}),
-)
+def image_steps(checked: bool) -> tuple[Step, ...]:
+    """Raw image bytes -> ``image_embeddings``; ``checked`` puts ``image_check`` first."""
+    raw = "_image_checked" if checked else "image"
+    check = (Step("image_check", {"image": "image"}, {"checked": raw}),) if checked else ()
+    return check + (
+        Step("image_preprocess", {"image": raw}, {"pixel_values": "_pixel_values"}),
+        Step("vision_encoder", {"pixel_values": "_pixel_values"}, {"embeddings": "image_embeddings"}),
+    )
 
-# Raw bytes in, prompt-table rows out: the preprocessing + encoder stage on its own.
-EMBED_ENSEMBLES: tuple[Ensemble, ...] = (
-    Ensemble("embed_image", ("image",), IMAGE_STEPS, ("image_embeddings",)),
-    Ensemble("embed_audio", ("audio",), AUDIO_STEPS, ("audio_embeddings",)),
-    Ensemble(
-        "embed_image_audio", ("image", "audio"), IMAGE_STEPS + AUDIO_STEPS, ("image_embeddings", "audio_embeddings")
-    ),
-)
+
+def audio_steps(checked: bool) -> tuple[Step, ...]:
+    """Raw audio bytes -> ``audio_embeddings``; ``checked`` puts ``audio_check`` first."""
+    raw = "_audio_checked" if checked else "audio"
+    check = (Step("audio_check", {"audio": "audio"}, {"checked": raw}),) if checked else ()
+    return check + (
+        Step("audio_preprocess", {"audio": raw}, {"mfcc": "_mfcc", "mfcc_length": "_mfcc_length"}),
+        Step("audio_encoder", {"features": "_mfcc", "feature_length": "_mfcc_length"}, {"embeddings": "audio_embeddings"}),
+    )
+
+
+IMAGE_STEPS = image_steps(checked=False)
+AUDIO_STEPS = audio_steps(checked=False)
 
 # Public inputs of every chat ensemble besides the media; the user-facing names of the
 # TensorRT-LLM "ensemble" model (text_input, max_tokens, top_k, ...).
@@ -134,22 +139,32 @@ def llm_steps(image: bool, audio: bool) -> tuple[Step, ...]:
     )
 
 
-# Text in (plus raw image and/or audio bytes), streamed text out. One ensemble per input
-# combination: Triton ensembles cannot skip a step, so the media chains exist only where
-# the media is a required input.
-CHAT_ENSEMBLES: tuple[Ensemble, ...] = (
-    Ensemble("chat_text", CHAT_INPUTS, llm_steps(False, False), CHAT_OUTPUTS),
-    Ensemble("chat_image", ("image", *CHAT_INPUTS), IMAGE_STEPS + llm_steps(True, False), CHAT_OUTPUTS),
-    Ensemble("chat_audio", ("audio", *CHAT_INPUTS), AUDIO_STEPS + llm_steps(False, True), CHAT_OUTPUTS),
-    Ensemble(
-        "chat_image_audio",
-        ("image", "audio", *CHAT_INPUTS),
-        IMAGE_STEPS + AUDIO_STEPS + llm_steps(True, True),
-        CHAT_OUTPUTS,
-    ),
-)
+def all_ensembles(checked: bool = False) -> tuple[Ensemble, ...]:
+    """Every ensemble of the repository.
 
-ENSEMBLES: tuple[Ensemble, ...] = EMBED_ENSEMBLES + CHAT_ENSEMBLES
+    ``embed_*``: raw bytes in, prompt-table rows out (the preprocessing + encoder stage
+    on its own). ``chat_*``: text in (plus raw image and/or audio bytes), streamed text
+    out. One ensemble per input combination: Triton ensembles cannot skip a step, so the
+    media chains exist only where the media is a required input.
+
+    Args:
+        checked: Put the ``image_check`` / ``audio_check`` models in front of the media chains.
+    """
+    image, audio = image_steps(checked), audio_steps(checked)
+    return (
+        Ensemble("embed_image", ("image",), image, ("image_embeddings",)),
+        Ensemble("embed_audio", ("audio",), audio, ("audio_embeddings",)),
+        Ensemble("embed_image_audio", ("image", "audio"), image + audio, ("image_embeddings", "audio_embeddings")),
+        Ensemble("chat_text", CHAT_INPUTS, llm_steps(False, False), CHAT_OUTPUTS),
+        Ensemble("chat_image", ("image", *CHAT_INPUTS), image + llm_steps(True, False), CHAT_OUTPUTS),
+        Ensemble("chat_audio", ("audio", *CHAT_INPUTS), audio + llm_steps(False, True), CHAT_OUTPUTS),
+        Ensemble(
+            "chat_image_audio", ("image", "audio", *CHAT_INPUTS), image + audio + llm_steps(True, True), CHAT_OUTPUTS
+        ),
+    )
+
+
+ENSEMBLES: tuple[Ensemble, ...] = all_ensembles()
 
 
 def _tensor(config: mc.ModelConfig, name: str, kind: str) -> mc.ModelInput | mc.ModelOutput | None:

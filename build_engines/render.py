@@ -21,7 +21,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from build_engines.ensembles import ENSEMBLES, Ensemble, build_ensemble, check_wiring
+from build_engines.ensembles import Ensemble, all_ensembles, build_ensemble, check_wiring
 from build_engines.spec import ModelSpec, spec_from_dict, with_overrides
 
 LOGGER = logging.getLogger(__name__)
@@ -38,26 +38,40 @@ class RenderError(RuntimeError):
 
 @dataclass(frozen=True)
 class Profile:
-    """How one profile runs each kind of model."""
+    """How one profile runs each kind of model.
+
+    Attributes:
+        checked_inputs: Put ``image_check`` / ``audio_check`` (python) in front of the
+            preprocessing models. Needed where those run on the DALI backend, which
+            cannot reject one payload without failing its whole batch.
+    """
 
     name: str
     preprocess_backend: str
     preprocess_kind: str
-    encoder_backend: str
+    vision_backend: str
+    audio_backend: str
     encoder_kind: str
+    encoder_runtime: str
     llm_backend: str
     llm_device: str
     device_id: int | None
-    encoder_runtime: str
+    checked_inputs: bool
 
 
 PROFILES: dict[str, Profile] = {
     # Everything on the python backend, on the CPU: development, CI, the demo.
-    "cpu": Profile("cpu", "python", "KIND_CPU", "python", "KIND_CPU", "python", "cpu", None, "onnxruntime"),
+    "cpu": Profile("cpu", "python", "KIND_CPU", "python", "python", "KIND_CPU", "onnxruntime", "python", "cpu", None, False),
     # The same python-backend models on one GPU: DALI with device_id 0 ("mixed" decoding,
     # GPU MFCC), encoders in PyTorch, the continuous-batching engine on CUDA.
-    "cuda": Profile("cuda", "python", "KIND_GPU", "python", "KIND_GPU", "python", "cuda", 0, "torch"),
+    "cuda": Profile("cuda", "python", "KIND_GPU", "python", "python", "KIND_GPU", "torch", "python", "cuda", 0, False),
+    # Production: the DALI backend serializing 1/dali.py, the vision encoder as a TensorRT
+    # plan, the TensorRT-LLM C++ backend (TP=2, in-flight batching). The audio encoder stays
+    # on the python backend (PyTorch on the GPU): its padded, masked batch of clips of
+    # different lengths does not fit the TensorRT backend's ragged-input convention.
+    "gpu": Profile("gpu", "dali", "KIND_GPU", "tensorrt", "python", "KIND_GPU", "torch", "tensorrtllm", "cuda", 0, True),
 }
+CHECK_MODELS = ("image_check", "audio_check")
 
 
 def render_template(path: Path, values: dict[str, str]) -> str:
@@ -108,12 +122,17 @@ def template_values(spec: ModelSpec, bundle: dict[str, Any], profile: Profile) -
         "encoder_instances": serving.encoder_instances,
         "preprocess_backend": profile.preprocess_backend,
         "preprocess_kind": profile.preprocess_kind,
-        "encoder_backend": profile.encoder_backend,
+        "vision_encoder_backend": profile.vision_backend,
+        "audio_encoder_backend": profile.audio_backend,
         "encoder_kind": profile.encoder_kind,
         "encoder_runtime": profile.encoder_runtime,
         "encoder_device": "cpu" if profile.device_id is None else f"cuda:{profile.device_id}",
         "dali_num_threads": 2,
         "image_size": spec.vision.image_size,
+        "image_max_bytes": spec.vision.max_bytes,
+        "image_max_pixels": spec.vision.max_pixels,
+        "audio_max_bytes": spec.audio.max_bytes,
+        "audio_max_seconds": spec.audio.max_seconds,
         "image_tokens": spec.vision.tokens_per_image,
         "n_mfcc": spec.audio.n_mfcc,
         "llm_hidden_size": bundle["llm_hidden_size"],
@@ -211,19 +230,23 @@ def render_repository(
     profile_name: str = "cpu",
     *,
     template_root: Path = TEMPLATE_ROOT,
-    ensembles: tuple[Ensemble, ...] = ENSEMBLES,
+    ensembles: tuple[Ensemble, ...] | None = None,
     overrides: dict[str, str] | None = None,
+    engines_dir: Path | None = None,
 ) -> Path:
     """Render a complete model repository for a bundle and a profile.
 
     Args:
         bundle_dir: A bundle built by :func:`build_engines.bundle.build_bundle`.
         out_dir: Repository folder to (re)create.
-        profile_name: ``cpu`` (the only profile rendered so far).
+        profile_name: ``cpu``, ``cuda`` or ``gpu`` (see :data:`PROFILES`).
         template_root: Folder of model templates (tests point it at broken copies).
-        ensembles: Ensemble descriptions to generate.
+        ensembles: Ensemble descriptions to generate (default: the profile's).
         overrides: Serving-time spec changes for this repository only, as
             ``{"serving.max_batch_size": "1"}`` (the bundle is not rebuilt).
+        engines_dir: ``gpu`` profile: the output folder of ``python -m build_engines.gpu``;
+            its planned engine and plan paths go into the configs (plans not built yet
+            are reported, not fatal: the configs can be checked before any GPU build).
 
     Returns:
         ``out_dir``, after every config parsed and the wiring check passed.
@@ -239,12 +262,24 @@ def render_repository(
     if overrides:
         spec = with_overrides(spec, overrides)
     values = template_values(spec, bundle, profile)
+    vision_plan = None
+    if profile.llm_backend == "tensorrtllm":
+        if engines_dir is None:
+            raise RenderError("the gpu profile needs --engines (the folder python -m build_engines.gpu writes)")
+        from build_engines.gpu import plan_gpu_build
+
+        plan = plan_gpu_build(spec, bundle_dir, Path(engines_dir))
+        values["engine_dir"] = str(plan.engine_dir.resolve())
+        vision_plan = plan.vision_plan
+    if ensembles is None:
+        ensembles = all_ensembles(checked=profile.checked_inputs)
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
 
     models: dict[str, mc.ModelConfig] = {}
-    for model in PREPROCESS_MODELS + ENCODER_MODELS + LLM_MODELS:
+    checks = CHECK_MODELS if profile.checked_inputs else ()
+    for model in checks + PREPROCESS_MODELS + ENCODER_MODELS + LLM_MODELS:
         src = template_root / model
         text = render_template(src / "config.pbtxt", values)
         config = parse_config(text, f"{src / 'config.pbtxt'} (rendered)")
@@ -256,6 +291,11 @@ def render_repository(
             shutil.copy2(src / "1" / "dali.py", version / "dali.py")
             settings = preprocess_settings(spec, model, profile, int(values["dali_num_threads"]))
             (version / "preprocess.json").write_text(json.dumps(settings, indent=2) + "\n")
+        elif model == "vision_encoder" and config.backend == "tensorrt":
+            if vision_plan is not None and vision_plan.exists():
+                _link_or_copy(vision_plan, version / "model.plan")
+            else:
+                LOGGER.warning("vision_encoder: TensorRT plan %s not built yet (needs a GPU); config only", vision_plan)
         elif model in ENCODER_MODELS and profile.encoder_runtime == "torch":
             _link_or_copy(bundle_dir / model / "model.safetensors", version / "model.safetensors")
             info = {"spec": bundle["spec"], "llm_hidden_size": bundle["llm_hidden_size"]}

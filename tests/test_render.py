@@ -102,3 +102,42 @@ def test_hand_edited_ensemble_is_caught(cpu_repo: Path) -> None:
     configs = load_repository_configs(cpu_repo)
     text_format.Parse('output { name: "extra" data_type: TYPE_FP16 dims: [ 3 ] }', configs["embed_image"])
     assert any("output 'extra' is never produced" in p for p in check_wiring(configs))
+
+
+def test_gpu_repository_renders_in_full(bundle_dir: Path, tmp_path: Path) -> None:
+    """The production profile from the same templates: schema and wiring pass, every field explicit."""
+    from build_engines import gpu
+    from build_engines.spec import spec_from_dict
+
+    engines = tmp_path / "engines"
+    repo = render_repository(bundle_dir, tmp_path / "repo-gpu", "gpu", engines_dir=engines)
+    configs = load_repository_configs(repo)
+    assert check_wiring(configs) == []
+    llm = configs["tensorrt_llm"]
+    assert llm.backend == "tensorrtllm" and llm.model_transaction_policy.decoupled
+    params = {k: v.string_value for k, v in llm.parameters.items()}
+    spec = spec_from_dict(__import__("json").loads((bundle_dir / "bundle.json").read_text())["spec"])
+    plan = gpu.plan_gpu_build(spec, bundle_dir, engines)
+    assert params["gpt_model_type"] == "inflight_fused_batching"
+    assert params["gpt_model_path"] == str(plan.engine_dir.resolve())
+    assert params["exclude_input_in_output"] == "true"
+    for key in ("batch_scheduler_policy", "kv_cache_free_gpu_mem_fraction", "enable_chunked_context",
+                "cancellation_check_period_ms"):
+        assert params[key] and "$" not in params[key]
+    for name in ("image_preprocess", "audio_preprocess"):
+        dali = configs[name]
+        assert dali.backend == "dali" and dali.instance_group[0].kind == dali.instance_group[0].KIND_GPU
+        assert (repo / name / "1" / "dali.py").exists() and not (repo / name / "1" / "model.py").exists()
+        # Auto-complete is off under the TP launcher: ragged inputs must be written out.
+        assert all(i.allow_ragged_batch for i in dali.input)
+    settings = __import__("json").loads((repo / "image_preprocess" / "1" / "preprocess.json").read_text())
+    assert settings["decoder_device"] == "mixed" and settings["device_id"] == 0
+    assert configs["vision_encoder"].backend == "tensorrt"
+    assert configs["audio_encoder"].backend == "python"
+    # In front of DALI, the python checks reject bad payloads one request at a time.
+    steps = [s.model_name for s in configs["chat_image_audio"].ensemble_scheduling.step]
+    assert steps.index("image_check") < steps.index("image_preprocess")
+    assert steps.index("audio_check") < steps.index("audio_preprocess")
+    for config in configs.values():
+        for tensor in list(config.input) + list(config.output):
+            assert tensor.data_type != 0 and len(tensor.dims) > 0, (config.name, tensor.name)

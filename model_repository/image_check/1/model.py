@@ -1,0 +1,30 @@
+"""image_check: mmtriton.validation.check_image on each payload; good ones pass through unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import triton_python_backend_utils as pb_utils
+
+from mmtriton.validation import InputError, check_image
+
+
+class TritonPythonModel:
+    """One INVALID_ARGUMENT response per bad payload; the others are forwarded as they came."""
+
+    def initialize(self, args: dict) -> None:
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        self.limits = {"max_bytes": int(params["max_bytes"]), "max_pixels": int(params["max_pixels"])}
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            payload = pb_utils.get_input_tensor_by_name(request, "image").as_numpy().reshape(1, -1)
+            try:
+                check_image(payload, name="image", **self.limits)
+            except InputError as err:
+                error = pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
+                continue
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("checked", payload)]))
+        return responses
