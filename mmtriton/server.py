@@ -37,9 +37,13 @@ class ServerError(RuntimeError):
 
 
 def _pytriton_root() -> Path:
-    import pytriton  # imported lazily: only the launcher needs the wheel
+    # Located, not imported: importing pytriton pulls its client's dependencies (gevent).
+    import importlib.util
 
-    return Path(pytriton.__file__).parent
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("the nvidia-pytriton wheel (Triton server binary) is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def tritonserver_binary() -> Path:

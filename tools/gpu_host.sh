@@ -7,7 +7,9 @@
 # few small packages the python models import. Steps, in order:
 #
 #   tools/gpu_host.sh receive FILE...   copy wheel archive pieces (part-NN) into $WHEELS/parts
-#   tools/gpu_host.sh install           join the pieces if any, pip install --target $SITE (no index)
+#   tools/gpu_host.sh install           join the pieces if any, pip install them (no index) into the
+#                                       interpreter's own site-packages: the python backend stubs of
+#                                       tritonserver import from there, ahead of PYTHONPATH
 #   tools/gpu_host.sh checks            tiny bundle: pytest -m gpu (GPU vs CPU preprocessing, served
 #                                       cuda-profile greedy tokens vs the cpu profile)
 #   tools/gpu_host.sh preprocess        preprocessing samples/s: raw DALI GPU, served, CPU path
@@ -21,12 +23,11 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WHEELS=${WHEELS:-/tmp/mm-wheels}
-SITE=${SITE:-/tmp/mm-site}
 WORK=${WORK:-/tmp/mm-work}
 RESULTS=${RESULTS:-$WORK/results}
 PY=${PYTHON:-python3}
 CONCURRENCY=${CONCURRENCY:-16,32}
-export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$WHEELS/parts" "$WORK" "$RESULTS"
 
@@ -41,9 +42,11 @@ step_install() {
     cat "$WHEELS"/parts/part-* | tar -x -C "$WHEELS"
     log "joined $(ls "$WHEELS"/parts | wc -l) pieces"
   fi
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "$WHEELS"/*.whl
   "$PY" - <<'EOF'
-import torch, transformers, nvidia.dali, pytriton, tritonclient
+import torch, transformers, nvidia.dali, tritonclient
+from mmtriton.server import tritonserver_binary
+print(tritonserver_binary())
 print(f"torch {torch.__version__} cuda {torch.version.cuda} gpu {torch.cuda.get_device_name(0)}")
 print(f"transformers {transformers.__version__} dali {nvidia.dali.__version__}")
 EOF
@@ -103,10 +106,18 @@ step_serve() {
   "$PY" -m build_engines render --bundle "$WORK/bundles/glm4-9b-shape" --profile cuda --out "$WORK/repo-9b-after"
   "$PY" -m build_engines render --bundle "$WORK/bundles/glm4-9b-shape" --profile cuda --out "$WORK/repo-9b-before" \
     --set serving.max_batch_size=1
-  "$PY" -m clients.bench --start-cpu-server --compare "$WORK/repo-9b-before" "$WORK/repo-9b-after" \
-    --concurrency "$CONCURRENCY" --requests "${REQUESTS:-64}" --input-tokens 512 --input-spread 32 \
-    --output-tokens 256 --image-share 0.25 --audio-share 0.25 --warmup 2 --results "$RESULTS/serve" \
-    2>&1 | tee "$RESULTS/serve.log"
+  local bw=()
+  if [ -f "$RESULTS/decode/decode.json" ]; then
+    bw=(--copy-bandwidth-gbs "$("$PY" -c "import json; print(json.load(open('$RESULTS/decode/decode.json'))['copy_bandwidth_TBps'] * 1000)")")
+  fi
+  # Before (engine batch 1) runs fewer requests: at ~20 s per 256-token answer one at a time,
+  # 8 requests already take minutes. After (in-flight batching) runs the full sweep.
+  local common=(--input-tokens 512 --input-spread 32 --output-tokens 256 --image-share 0.25 --audio-share 0.25
+    --warmup 1 --timeout 900 "${bw[@]}")
+  "$PY" -m clients.bench --start-cpu-server --repo "$WORK/repo-9b-before" --concurrency "${BEFORE_CONCURRENCY:-16}" \
+    --requests "${BEFORE_REQUESTS:-8}" --results-dir "$RESULTS/serve-before" "${common[@]}" 2>&1 | tee "$RESULTS/serve-before.log"
+  "$PY" -m clients.bench --start-cpu-server --repo "$WORK/repo-9b-after" --concurrency "$CONCURRENCY" \
+    --requests "${REQUESTS:-64}" --results-dir "$RESULTS/serve-after" "${common[@]}" 2>&1 | tee "$RESULTS/serve-after.log"
 }
 
 step_pack() {

@@ -36,6 +36,9 @@ def audio_preprocess(device: str = CONFIG["device"]):
     n_fft = CONFIG["n_fft"]
     encoded = fn.external_source(name="audio", dtype=types.UINT8, ndim=1, device="cpu")
     decoded, _ = fn.decoders.audio(encoded, sample_rate=sample_rate, downmix=True, dtype=types.FLOAT)
+    # Frame count from the decoded length on the CPU (centered windows: 1 + samples // hop), so
+    # no GPU -> CPU transfer is needed inside the pipeline.
+    length = decoded.shape(dtype=types.INT32)[0:1] // CONFIG["hop_length"] + 1
     if device == "gpu":
         decoded = decoded.gpu()
     emphasized = fn.preemphasis_filter(decoded, preemph_coeff=CONFIG["preemphasis"])
@@ -64,5 +67,4 @@ def audio_preprocess(device: str = CONFIG["device"]):
     # Per-coefficient normalization over time; epsilon keeps silence finite.
     normalized = fn.normalize(mfcc, axes=[1], epsilon=CONFIG["norm_epsilon"])
     frames = fn.transpose(normalized, perm=[1, 0])
-    length = frames.shape(dtype=types.INT32)[0:1]
     return frames, length
