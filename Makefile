@@ -17,8 +17,10 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 PROMPT ?= Describe the picture and answer the question in the recording.
+BENCH_ARGS ?= --concurrency 1,4,16 --requests 64 --input-tokens 96 --input-spread 16 --output-tokens 32 \
+	--image-share 0.25 --audio-share 0.25 --warmup 4
 
-.PHONY: help setup build-engines samples serve embed chat demo test clean gpu-plan gpu-image gpu-engines gpu-up monitoring-up check-deploy
+.PHONY: help setup build-engines samples serve embed chat demo test bench bench-url clean gpu-plan gpu-image gpu-engines gpu-up monitoring-up check-deploy
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-15s %s\n", $$1, $$2}'
@@ -50,6 +52,13 @@ chat: samples ## stream an answer from a running server (make serve) for the sam
 
 demo: build-engines samples ## set up, build, start the server, stream one image+audio+text answer, stop
 	$(PY) -m clients.demo --repo $(REPO) --image $(SAMPLES)/sample.jpg --audio $(SAMPLES)/sample.wav
+
+bench: build-engines ## before/after benchmark on CPU: engine batch 1 vs in-flight batching; report under results/
+	$(PY) -m build_engines render --bundle $(BUNDLE) --profile $(PROFILE) --out $(REPO)-bs1 --set serving.max_batch_size=1
+	$(PY) -m clients.bench --start-cpu-server --compare $(REPO)-bs1 $(REPO) $(BENCH_ARGS)
+
+bench-url: ## benchmark a running server (make serve, or a GPU host: add --copy-bandwidth-gbs to BENCH_ARGS)
+	$(PY) -m clients.bench --url localhost:$(GRPC_PORT) --metrics-url http://localhost:$(METRICS_PORT)/metrics $(BENCH_ARGS)
 
 test: build-engines ## run the test suite (starts its own tritonserver on free ports)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
