@@ -208,11 +208,7 @@ class ChatClient:
             "request_output_len": np.ones((1, 1), dtype=np.int32),
             "stop": np.ones((1, 1), dtype=bool),
         }
-        inputs = []
-        for name, value in values.items():
-            tensor = grpcclient.InferInput(name, list(value.shape), _TRITON_DTYPES[value.dtype])
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
+        inputs = _grpc_inputs(values)
         done: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         try:
@@ -233,11 +229,7 @@ class ChatClient:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
-        inputs = []
-        for name, value in values.items():
-            tensor = grpcclient.InferInput(name, list(value.shape), _TRITON_DTYPES[value.dtype])
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
+        inputs = _grpc_inputs(values)
         responses: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         try:
@@ -305,6 +297,18 @@ class ChatClient:
             raise _http_error(err.code, detail) from None
         except urllib.error.URLError as err:
             raise ServerUnavailableError(f"cannot reach http://{self.url}: {err.reason}") from None
+
+
+def _grpc_inputs(values: dict[str, np.ndarray]) -> list[Any]:
+    """``tritonclient.grpc.InferInput`` objects holding ``values``."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, value in values.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), _TRITON_DTYPES[value.dtype])
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
 
 
 def _grpc_chunk(result: Any) -> Chunk | None:

@@ -6,11 +6,36 @@ models, and by the tests as the in-process reference path.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mmtriton.onnx_runtime import OnnxEncoder
+
+
+def load_encoder(version_dir: Path, model_name: str, params: dict[str, str]) -> Any:
+    """The encoder a rendered model folder asks for (its config's ``runtime`` and ``device``).
+
+    Args:
+        version_dir: The model's ``1/`` folder.
+        model_name: ``vision_encoder`` or ``audio_encoder``.
+        params: The config's ``parameters`` as strings.
+
+    Returns:
+        An :class:`OnnxEncoder` (``runtime=onnxruntime``: ``1/model.onnx``) or a
+        :class:`mmtriton.torch_runtime.TorchEncoder` (``runtime=torch``: ``1/model.safetensors``).
+    """
+    if params["runtime"] == "torch":
+        from mmtriton.torch_runtime import TorchEncoder
+
+        info = json.loads((version_dir / "encoder.json").read_text())
+        return TorchEncoder(
+            model_name, version_dir / "model.safetensors", info["spec"], info["llm_hidden_size"], params["device"]
+        )
+    return OnnxEncoder(version_dir / "model.onnx")
 
 
 def encode_images(encoder: OnnxEncoder, pixel_values: Sequence[np.ndarray]) -> list[np.ndarray]:

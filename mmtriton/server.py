@@ -303,6 +303,21 @@ def main(argv: list[str] | None = None) -> int:
         LOGGER.error("%s", err)
         return 1
     LOGGER.info("serving %s (log: %s); Ctrl-C stops it", args.model_repository, server.log_path)
+    return serve_until_stopped(server, "tritonserver")
+
+
+def serve_until_stopped(server: TritonServer, what: str, poll_s: float = 0.5, tail_lines: int = 80) -> int:
+    """Keep a started server running until SIGINT/SIGTERM; stop it by its own pid.
+
+    Args:
+        server: A started server (or a subclass such as the TP launcher's).
+        what: Name of the process for the log ("tritonserver", "mpirun").
+        poll_s: How often the process is checked.
+        tail_lines: Log lines shown if it exits on its own.
+
+    Returns:
+        0 after a requested stop, 1 if the process exited by itself.
+    """
     stop = {"now": False}
 
     def _request_stop(signum: int, _frame: object) -> None:
@@ -313,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while not stop["now"]:
             if server.process is None or server.process.poll() is not None:
-                LOGGER.error("tritonserver exited; log tail:\n%s", server.log_tail())
+                code = None if server.process is None else server.process.returncode
+                LOGGER.error("%s exited with code %s; log tail:\n%s", what, code, server.log_tail(tail_lines))
                 return 1
-            time.sleep(0.5)
+            time.sleep(poll_s)
     finally:
         server.stop()
     return 0

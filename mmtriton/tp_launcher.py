@@ -33,16 +33,14 @@ import argparse
 import logging
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from build_engines.gpu import EngineConfigError, EngineMapping, read_engine_mapping
-from mmtriton.server import ServerError, TritonServer, free_port
+from mmtriton.server import ServerError, TritonServer, free_port, serve_until_stopped
 
 LOGGER = logging.getLogger(__name__)
 
@@ -325,23 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         LOGGER.error("%s", err)
         return 1
     LOGGER.info("serving %s on %d GPUs (log: %s)", args.model_repository, mapping.world_size, server.log_path)
-    stop = {"now": False}
-
-    def _request_stop(signum: int, _frame: object) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGINT, _request_stop)
-    signal.signal(signal.SIGTERM, _request_stop)
-    try:
-        while not stop["now"]:
-            if server.process is None or server.process.poll() is not None:
-                code = None if server.process is None else server.process.returncode
-                LOGGER.error("mpirun exited with code %s (a rank died); log tail:\n%s", code, server.log_tail(200))
-                return 1
-            time.sleep(1.0)
-    finally:
-        server.stop()
-    return 0
+    # mpirun exiting means a rank died: serve_until_stopped reports it with the log and returns 1.
+    return serve_until_stopped(server, "mpirun (a rank died)", poll_s=1.0, tail_lines=200)
 
 
 if __name__ == "__main__":

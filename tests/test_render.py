@@ -141,3 +141,25 @@ def test_gpu_repository_renders_in_full(bundle_dir: Path, tmp_path: Path) -> Non
     for config in configs.values():
         for tensor in list(config.input) + list(config.output):
             assert tensor.data_type != 0 and len(tensor.dims) > 0, (config.name, tensor.name)
+
+
+def test_cuda_profile_encoders_match_onnx(bundle_dir: Path, tmp_path: Path) -> None:
+    """The cuda profile runs the encoders' safetensors in PyTorch: same outputs as the ONNX files."""
+    import numpy as np
+
+    from mmtriton.encoding import encode_audio, encode_images, load_encoder
+
+    repo = render_repository(bundle_dir, tmp_path / "repo-cuda", "cuda")
+    cpu = {"runtime": "torch", "device": "cpu"}  # the rendered device is cuda:0; CI has no GPU
+    vision = load_encoder(repo / "vision_encoder" / "1", "vision_encoder", cpu)
+    audio = load_encoder(repo / "audio_encoder" / "1", "audio_encoder", cpu)
+    rng = np.random.default_rng(3)
+    pixels = [rng.normal(size=(3, 64, 64)).astype(np.float16) for _ in range(2)]
+    frames = [rng.normal(size=(n, 40)).astype(np.float32) for n in (50, 17)]
+    onnx_vision = load_encoder(bundle_dir / "vision_encoder", "vision_encoder", {"runtime": "onnxruntime"})
+    onnx_audio = load_encoder(bundle_dir / "audio_encoder", "audio_encoder", {"runtime": "onnxruntime"})
+    for got, want in zip(encode_images(vision, pixels), encode_images(onnx_vision, pixels)):
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-3)
+    for got, want in zip(encode_audio(audio, frames, [50, 17]), encode_audio(onnx_audio, frames, [50, 17])):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-3)

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mmtriton.encoding import encode_audio
-from mmtriton.onnx_runtime import OnnxEncoder
+from mmtriton.encoding import encode_audio, load_encoder
 
 
 class TritonPythonModel:
@@ -18,15 +17,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
-        if params["runtime"] == "torch":
-            from mmtriton.torch_runtime import TorchEncoder
-
-            info = json.loads((version_dir / "encoder.json").read_text())
-            self.encoder = TorchEncoder(
-                args["model_name"], version_dir / "model.safetensors", info["spec"], info["llm_hidden_size"], params["device"]
-            )
-        else:
-            self.encoder = OnnxEncoder(version_dir / "model.onnx")
+        self.encoder = load_encoder(version_dir, args["model_name"], params)
 
     def execute(self, requests: list) -> list:
         features = [pb_utils.get_input_tensor_by_name(r, "features").as_numpy() for r in requests]
