@@ -14,7 +14,9 @@
 #                                       cuda-profile greedy tokens vs the cpu profile)
 #   tools/gpu_host.sh preprocess        preprocessing samples/s: raw DALI GPU, served, CPU path
 #   tools/gpu_host.sh decode            9B-shaped bundle (built on the GPU); decode step vs weight-read floor
-#   tools/gpu_host.sh serve             9B-shaped model served: before (batch 1) / after (in-flight batching)
+#   tools/gpu_host.sh serve             9B-shaped model served: before (batch 1) / after (in-flight batching);
+#                                       SERVE=before|after runs one side, BEFORE_CONCURRENCY / BEFORE_REQUESTS
+#                                       size the slow side (one request at a time)
 #   tools/gpu_host.sh pack DEST         tar the results folder into DEST/results.tar.gz
 #   tools/gpu_host.sh all               install, checks, preprocess, decode, serve
 #
@@ -114,10 +116,16 @@ step_serve() {
   # 8 requests already take minutes. After (in-flight batching) runs the full sweep.
   local common=(--input-tokens 512 --input-spread 32 --output-tokens 256 --image-share 0.25 --audio-share 0.25
     --warmup 1 --timeout 900 "${bw[@]}")
-  "$PY" -m clients.bench --start-cpu-server --repo "$WORK/repo-9b-before" --concurrency "${BEFORE_CONCURRENCY:-16}" \
-    --requests "${BEFORE_REQUESTS:-8}" --results-dir "$RESULTS/serve-before" "${common[@]}" 2>&1 | tee "$RESULTS/serve-before.log"
-  "$PY" -m clients.bench --start-cpu-server --repo "$WORK/repo-9b-after" --concurrency "$CONCURRENCY" \
-    --requests "${REQUESTS:-64}" --results-dir "$RESULTS/serve-after" "${common[@]}" 2>&1 | tee "$RESULTS/serve-after.log"
+  if [ "${SERVE:-both}" != after ]; then
+    local bc=${BEFORE_CONCURRENCY:-16}
+    "$PY" -m clients.bench --start-cpu-server --repo "$WORK/repo-9b-before" --concurrency "$bc" \
+      --requests "${BEFORE_REQUESTS:-8}" --results-dir "$RESULTS/serve-before-c$bc" "${common[@]}" 2>&1 \
+      | tee "$RESULTS/serve-before-c$bc.log"
+  fi
+  if [ "${SERVE:-both}" != before ]; then
+    "$PY" -m clients.bench --start-cpu-server --repo "$WORK/repo-9b-after" --concurrency "$CONCURRENCY" \
+      --requests "${REQUESTS:-64}" --results-dir "$RESULTS/serve-after" "${common[@]}" 2>&1 | tee "$RESULTS/serve-after.log"
+  fi
 }
 
 step_pack() {
