@@ -3,12 +3,12 @@
 ``python -m clients.bench --compare`` runs both configurations with the same
 sweep. When "before" is too slow for the same sweep (one request at a time at
 9B scale), each side runs on its own; this writes the reference table from the
-two ``report.json`` files: every level of "before" against every level of
-"after", as ``summary.md``, ``summary.json`` and ``before_after.png``.
+``report.json`` files: each "before" level against the "after" level of the
+same concurrency, as ``summary.md``, ``summary.json`` and ``before_after.png``.
 
 Example::
 
-    python -m clients.bench_summary BEFORE/report.json AFTER/report.json --copy-bandwidth-gbs 3020 --out DIR
+    python -m clients.bench_summary --before B16/report.json B32/report.json --after A/report.json --out DIR
 """
 
 from __future__ import annotations
@@ -57,36 +57,46 @@ ROWS = (
 )
 
 
-def summary_table(before: dict[str, Any], afters: list[dict[str, Any]]) -> str:
-    """The reference experiment's table: before, each after level, and the change in %."""
-    head = f"| | before (c={before['concurrency']}, {before['requests']} req) |"
-    sep = "|---|---:|"
-    for a in afters:
-        head += f" after (c={a['concurrency']}, {a['requests']} req) | change |"
-        sep += "---:|---:|"
+def summary_table(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
+    """The reference experiment's table: per (before, after) pair, both figures and the change in %."""
+    head, sep = "| |", "|---|"
+    for b, a in pairs:
+        head += (
+            f" before c={b['concurrency']} ({b['requests']} req) | after c={a['concurrency']} ({a['requests']} req)"
+            " | change |"
+        )
+        sep += "---:|---:|---:|"
     lines = [head, sep]
     for name, key, fmt in ROWS:
-        line = f"| {name} | {fmt.format(before[key])} |"
-        for a in afters:
-            change = (a[key] - before[key]) / before[key] * 100.0 if before[key] else float("nan")
-            line += f" {fmt.format(a[key])} | {change:+.0f}% |"
+        line = f"| {name} |"
+        for b, a in pairs:
+            change = (a[key] - b[key]) / b[key] * 100.0 if b[key] else float("nan")
+            line += f" {fmt.format(b[key])} | {fmt.format(a[key])} | {change:+.0f}% |"
         lines.append(line)
     return "\n".join(lines)
 
 
-def plot(before: dict[str, Any], afters: list[dict[str, Any]], path: Path) -> None:
+def pair_levels(befores: list[dict[str, Any]], afters: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Before/after levels of equal concurrency; without any, the first before against every after."""
+    by_c = {b["concurrency"]: b for b in befores}
+    pairs = [(by_c[a["concurrency"]], a) for a in afters if a["concurrency"] in by_c]
+    return pairs or [(befores[0], a) for a in afters]
+
+
+def plot(pairs: list[tuple[dict[str, Any], dict[str, Any]]], path: Path) -> None:
     """Bars of tokens/s, P99 latency and utilization (NVML and model-bandwidth) per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [before, *afters]
-    names = [f"before\nc={before['concurrency']}"] + [f"after\nc={a['concurrency']}" for a in afters]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    axes[0].bar(names, [r["output_tok_s"] for r in runs], color=["#999999"] + ["#2a7ab9"] * len(afters))
+    runs = [r for pair in pairs for r in pair]
+    names = [f"{'before' if i % 2 == 0 else 'after'}\nc={r['concurrency']}" for i, r in enumerate(runs)]
+    colors = ["#999999", "#2a7ab9"] * len(pairs)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].bar(names, [r["output_tok_s"] for r in runs], color=colors)
     axes[0].set_title("output tokens/s")
-    axes[1].bar(names, [r["latency_p99_s"] for r in runs], color=["#999999"] + ["#2a7ab9"] * len(afters))
+    axes[1].bar(names, [r["latency_p99_s"] for r in runs], color=colors)
     axes[1].set_title("P99 latency (s)")
     x = range(len(runs))
     axes[2].bar([i - 0.2 for i in x], [r["utilization_pct"] for r in runs], width=0.4, label="NVML GPU util")
@@ -102,18 +112,18 @@ def plot(before: dict[str, Any], afters: list[dict[str, Any]], path: Path) -> No
 def main(argv: list[str] | None = None) -> int:
     """Write summary.md, summary.json and before_after.png."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("before", type=Path, help="report.json of the before configuration")
-    parser.add_argument("after", type=Path, help="report.json of the after configuration")
+    parser.add_argument("--before", type=Path, nargs="+", required=True, help="report.json file(s) of the before side")
+    parser.add_argument("--after", type=Path, nargs="+", required=True, help="report.json file(s) of the after side")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    before_levels = level_figures(json.loads(args.before.read_text()))
-    afters = level_figures(json.loads(args.after.read_text()))
+    befores = [lv for path in args.before for lv in level_figures(json.loads(path.read_text()))]
+    afters = [lv for path in args.after for lv in level_figures(json.loads(path.read_text()))]
     args.out.mkdir(parents=True, exist_ok=True)
-    before = before_levels[0]
-    table = summary_table(before, afters)
+    pairs = pair_levels(befores, afters)
+    table = summary_table(pairs)
     (args.out / "summary.md").write_text(table + "\n")
-    (args.out / "summary.json").write_text(json.dumps({"before": before_levels, "after": afters}, indent=2) + "\n")
-    plot(before, afters, args.out / "before_after.png")
+    (args.out / "summary.json").write_text(json.dumps({"before": befores, "after": afters}, indent=2) + "\n")
+    plot(pairs, args.out / "before_after.png")
     print(table)  # noqa: T201 - CLI output
     return 0
 
