@@ -201,7 +201,7 @@ class TritonServer:
                 cmd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=server_env(self.pythonpath),
+                env=self.environment(),
                 start_new_session=True,
             )
         try:
@@ -209,8 +209,12 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
-        LOGGER.info("tritonserver pid %d ready: http %s grpc %s", self.process.pid, self.http_url, self.grpc_url)
+        LOGGER.info("%s pid %d ready: http %s grpc %s", cmd[0], self.process.pid, self.http_url, self.grpc_url)
         return self
+
+    def environment(self) -> dict[str, str]:
+        """The environment the process starts with (subclasses add to it)."""
+        return server_env(self.pythonpath)
 
     def log_tail(self, lines: int = 80) -> str:
         """The last lines of the server log."""

@@ -33,14 +33,13 @@ import argparse
 import logging
 import os
 import shlex
-import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from build_engines.gpu import EngineConfigError, EngineMapping, read_engine_mapping
-from mmtriton.server import ServerError, TritonServer, free_port, serve_until_stopped
+from mmtriton.server import ServerError, TritonServer, serve_until_stopped
 
 LOGGER = logging.getLogger(__name__)
 
@@ -248,27 +247,13 @@ class LeaderModeServer(TritonServer):
         """
         if len(self.gpus) != self.world_size:
             raise LaunchError(f"{len(self.gpus)} GPU(s) given for world size {self.world_size}")
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.http_port = self.http_port or free_port()
-        self.grpc_port = self.grpc_port or free_port()
-        self.metrics_port = self.metrics_port or free_port()
-        cmd = self.command()
-        LOGGER.info("starting %s %s", " ".join(f"{k}={v}" for k, v in self.launch_env().items()), shlex.join(cmd))
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.launch_env()},
-                start_new_session=True,
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        LOGGER.info("mpirun pid %d: rank 0 ready on http %s grpc %s", self.process.pid, self.http_url, self.grpc_url)
+        LOGGER.info("mpirun environment: %s", " ".join(f"{k}={v}" for k, v in self.launch_env().items()))
+        super().start()
         return self
+
+    def environment(self) -> dict[str, str]:
+        """The current environment plus :meth:`launch_env` (MPI settings, visible GPUs)."""
+        return {**os.environ, **self.launch_env()}
 
 
 def main(argv: list[str] | None = None) -> int:
