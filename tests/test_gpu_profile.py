@@ -458,7 +458,7 @@ def test_gpu_count_mismatch_stops_before_anything_starts(
     def _must_not_start(*args: object, **kwargs: object) -> None:
         raise AssertionError("mpirun was started despite the mismatch")
 
-    monkeypatch.setattr(tp_launcher.subprocess, "Popen", _must_not_start)
+    monkeypatch.setattr(subprocess, "Popen", _must_not_start)
     if cuda_visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
@@ -471,7 +471,7 @@ def test_gpu_count_mismatch_stops_before_anything_starts(
 
 
 def test_server_object_refuses_a_mismatch_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tp_launcher.subprocess, "Popen", lambda *a, **k: pytest.fail("started"))
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("started"))
     server = tp_launcher.LeaderModeServer(model_repository=tmp_path, work_dir=tmp_path / "w", world_size=2, gpus=["0"])
     with pytest.raises(tp_launcher.LaunchError, match="1 GPU"):
         server.start()
