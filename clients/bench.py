@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 
 from clients.bench_stats import RequestTiming, RunStats, summarize
-from clients.llm import _TRITON_DTYPES, Sampling, _grpc_chunk, _inputs, ensemble_for
+from clients.llm import Sampling, ensemble_for, grpc_chunk, grpc_inputs, request_values
 
 LOGGER = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -727,17 +727,11 @@ class _StreamSession:
             request_id: Id sent with it.
             t0: ``time.perf_counter()`` value the record's times are relative to.
         """
-        import tritonclient.grpc as grpcclient
-
         sampling = Sampling(max_tokens=max_tokens, ignore_eos=self.fixed_length_input == "ignore_eos")
-        values = _inputs(planned.prompt, planned.image, planned.audio, sampling, stream=True)
+        values = request_values(planned.prompt, planned.image, planned.audio, sampling, stream=True)
         if self.fixed_length_input == "min_tokens":
             values["min_tokens"] = np.array([[max_tokens]], dtype=np.int32)
-        inputs = []
-        for name, value in values.items():
-            tensor = grpcclient.InferInput(name, list(value.shape), _TRITON_DTYPES[value.dtype])
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
+        inputs = grpc_inputs(values)
         record = RequestRecord(
             index=planned.index,
             model=planned.model,
@@ -766,7 +760,7 @@ class _StreamSession:
                 response = result.get_response()
                 if response.id and response.id != request_id:
                     continue  # a late response of an earlier request on this stream
-                chunk = _grpc_chunk(result)
+                chunk = grpc_chunk(result)
                 if chunk is not None:
                     record.token_times_s.extend([arrived - t0] * len(chunk.token_ids))
                     record.output_tokens += len(chunk.token_ids)

@@ -88,7 +88,8 @@ def ensemble_for(has_image: bool, has_audio: bool) -> str:
     )
 
 
-def _inputs(prompt: str, image: bytes | None, audio: bytes | None, sampling: Sampling, stream: bool) -> dict[str, Any]:
+def request_values(prompt: str, image: bytes | None, audio: bytes | None, sampling: Sampling, stream: bool) -> dict[str, Any]:
+    """The chat ensembles' input tensors for one request, as numpy arrays with a batch dim of 1."""
     values: dict[str, Any] = {
         "text_input": np.array([[prompt.encode("utf-8")]], dtype=np.object_),
         "max_tokens": np.array([[sampling.max_tokens]], dtype=np.int32),
@@ -113,7 +114,7 @@ def _inputs(prompt: str, image: bytes | None, audio: bytes | None, sampling: Sam
     return values
 
 
-_TRITON_DTYPES = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32", np.dtype(np.uint64): "UINT64",
+TRITON_DTYPES = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32", np.dtype(np.uint64): "UINT64",
                   np.dtype(bool): "BOOL", np.dtype(np.uint8): "UINT8", np.dtype(np.object_): "BYTES"}
 
 
@@ -151,7 +152,7 @@ class ChatClient:
             ClientError: Any other failure.
         """
         model = ensemble_for(image is not None, audio is not None)
-        values = _inputs(prompt, image, audio, sampling or Sampling(), stream=True)
+        values = request_values(prompt, image, audio, sampling or Sampling(), stream=True)
         rid = request_id or uuid.uuid4().hex
         if self.protocol == "grpc":
             yield from self._grpc(model, values, rid)
@@ -175,7 +176,7 @@ class ChatClient:
         ``on_chunk`` sees each piece as it arrives (e.g. to print it).
         """
         model = ensemble_for(image is not None, audio is not None)
-        values = _inputs(prompt, image, audio, sampling or Sampling(), stream=stream)
+        values = request_values(prompt, image, audio, sampling or Sampling(), stream=stream)
         rid = request_id or uuid.uuid4().hex
         answer = Answer()
         start = time.perf_counter()
@@ -208,7 +209,7 @@ class ChatClient:
             "request_output_len": np.ones((1, 1), dtype=np.int32),
             "stop": np.ones((1, 1), dtype=bool),
         }
-        inputs = _grpc_inputs(values)
+        inputs = grpc_inputs(values)
         done: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         try:
@@ -229,7 +230,7 @@ class ChatClient:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
-        inputs = _grpc_inputs(values)
+        inputs = grpc_inputs(values)
         responses: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         try:
@@ -242,7 +243,7 @@ class ChatClient:
                     raise InferenceFailedError(f"no response from {model} within {self.timeout_s:.0f} s") from None
                 if error is not None:
                     raise from_triton_exception(error)
-                chunk = _grpc_chunk(result)
+                chunk = grpc_chunk(result)
                 if chunk is not None:
                     yield chunk
                 if result.get_response().parameters["triton_final_response"].bool_param:
@@ -299,19 +300,20 @@ class ChatClient:
             raise ServerUnavailableError(f"cannot reach http://{self.url}: {err.reason}") from None
 
 
-def _grpc_inputs(values: dict[str, np.ndarray]) -> list[Any]:
+def grpc_inputs(values: dict[str, np.ndarray]) -> list[Any]:
     """``tritonclient.grpc.InferInput`` objects holding ``values``."""
     import tritonclient.grpc as grpcclient
 
     inputs = []
     for name, value in values.items():
-        tensor = grpcclient.InferInput(name, list(value.shape), _TRITON_DTYPES[value.dtype])
+        tensor = grpcclient.InferInput(name, list(value.shape), TRITON_DTYPES[value.dtype])
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
     return inputs
 
 
-def _grpc_chunk(result: Any) -> Chunk | None:
+def grpc_chunk(result: Any) -> Chunk | None:
+    """One streamed gRPC response as a :class:`Chunk` (None for the empty final response)."""
     text = result.as_numpy("text_output")
     if text is None:
         return None  # the empty final response
