@@ -4,7 +4,8 @@ DALI fails a whole batch on one bad sample, and Triton's own size limits are
 far above what the encoders should see, so every payload is checked here
 first: it is not empty, not over the byte limit, in a supported container,
 its header is readable, its decoded size (pixels or seconds) is within the
-limit, and a WAV file holds all the data its header announces. Each failure is
+limit, and the file is not visibly cut short (JPEG end marker, PNG IEND,
+WebP RIFF size, WAV data chunk size). Each failure is
 an :class:`InputError` whose message names the input and the limit.
 """
 
@@ -107,7 +108,7 @@ def check_image(payload: np.ndarray | bytes, *, max_bytes: int, max_pixels: int,
 
     Raises:
         InputError: Empty, too large, not JPEG/PNG/WebP, unreadable header,
-            or more pixels than ``max_pixels``.
+            more pixels than ``max_pixels``, or a visibly truncated file.
     """
     from PIL import Image  # header parsing only; pixels are decoded by DALI
 
@@ -117,6 +118,9 @@ def check_image(payload: np.ndarray | bytes, *, max_bytes: int, max_pixels: int,
     fmt = sniff_image(data)
     if fmt is None:
         raise InputError(name, f"not a {kinds} image (unrecognized header {data[:8]!r})")
+    truncated = _image_truncation(fmt, data)
+    if truncated:
+        raise InputError(name, truncated)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -131,6 +135,28 @@ def check_image(payload: np.ndarray | bytes, *, max_bytes: int, max_pixels: int,
             name, f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} pixels"
         )
     return ImageInfo(fmt, width, height)
+
+
+def _image_truncation(fmt: str, data: bytes) -> str | None:
+    """Why an image's container is visibly cut short, or None.
+
+    A JPEG's last scan must be followed by its end-of-image marker (the marker
+    bytes cannot occur inside entropy-coded data, and an EXIF thumbnail's own
+    marker comes before the main image's scans); a PNG must hold its IEND
+    chunk; a WebP must be as long as its RIFF header says.
+    """
+    if fmt == "JPEG":
+        last_scan = data.rfind(b"\xff\xda")
+        if last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0:
+            return "truncated JPEG: no end-of-image marker after the last scan"
+    elif fmt == "PNG":
+        if data.rfind(b"IEND") < 0:
+            return "truncated PNG: no IEND chunk"
+    elif fmt == "WebP":
+        declared = struct.unpack_from("<I", data, 4)[0] + 8 if len(data) >= 8 else 0
+        if declared > len(data):
+            return f"truncated WebP: its RIFF header says {declared} bytes, the payload has {len(data)}"
+    return None
 
 
 def _wav_data_shortfall(data: bytes) -> int:

@@ -22,17 +22,29 @@ def _huge_png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
+def corrupt_png_data(png: bytes) -> bytes:
+    """A PNG whose compressed pixel data is zeroed in the middle; chunks and IEND intact."""
+    data = bytearray(png)
+    start = data.index(b"IDAT") + 4 + 40
+    data[start : start + 200] = bytes(200)
+    return bytes(data)
+
+
 def bad_images(spec: ModelSpec) -> dict[str, tuple[bytes, str]]:
     """name -> (payload, substring the error message must contain)."""
     jpeg = encode_image(synthetic_image(120, 90), "JPEG")
     png = encode_image(synthetic_image(120, 90), "PNG")
+    webp = encode_image(synthetic_image(120, 90), "WEBP")
     v = spec.vision
     return {
         "empty": (b"", "input 'image': empty payload"),
         "text": (b"this is not an image at all", "input 'image': not a JPEG/PNG/WebP image"),
         "wav_as_image": (encode_audio(synthetic_audio(16000, 0.1), 16000), "not a JPEG/PNG/WebP image"),
-        "truncated_jpeg": (jpeg[: len(jpeg) // 2], "input 'image': could not decode the JPEG data (corrupt or truncated)"),
-        "truncated_png": (png[: len(png) // 2], "input 'image': could not decode the PNG data (corrupt or truncated)"),
+        "truncated_jpeg": (jpeg[: len(jpeg) // 2], "input 'image': truncated JPEG: no end-of-image marker"),
+        "truncated_png": (png[: len(png) // 2], "input 'image': truncated PNG: no IEND chunk"),
+        "truncated_webp": (webp[: len(webp) // 2], "input 'image': truncated WebP: its RIFF header says"),
+        # Passes every header check; only decoding finds the damage (DALI fails, the runner isolates it).
+        "corrupt_png_data": (corrupt_png_data(png), "input 'image': could not decode the PNG data (corrupt or truncated)"),
         "corrupt_jpeg_header": (jpeg[:20] + bytes(200) + jpeg[220:], "input 'image': corrupt JPEG header"),
         "too_many_pixels": (_huge_png_header(6000, 5000), f"exceeds the limit of {v.max_pixels} pixels"),
         "too_many_bytes": (jpeg + bytes(v.max_bytes), f"exceeds the limit of {v.max_bytes} bytes"),

@@ -97,7 +97,7 @@ def test_bad_audio_gets_invalid_argument_naming_the_input(grpc_url: str, spec: M
 
 def test_bad_request_among_concurrent_good_ones(grpc_url: str, local: InProcess, spec: ModelSpec, server: TritonServer) -> None:
     goods = [encode_image(synthetic_image(150 + 20 * i, 120, seed=10 + i), "JPEG") for i in range(7)]
-    bad = bad_images(spec)["truncated_jpeg"][0]
+    bad = bad_images(spec)["corrupt_png_data"][0]
     payloads = goods[:3] + [bad] + goods[3:]
 
     def call(data: bytes) -> np.ndarray | Exception:
@@ -109,7 +109,7 @@ def test_bad_request_among_concurrent_good_ones(grpc_url: str, local: InProcess,
     with ThreadPoolExecutor(max_workers=len(payloads)) as pool:
         results = list(pool.map(call, payloads))
     assert isinstance(results[3], InvalidInputError)
-    assert "could not decode the JPEG data" in str(results[3])
+    assert "could not decode the PNG data" in str(results[3])
     for got, data in zip(results[:3] + results[4:], goods):
         assert isinstance(got, np.ndarray), got
         np.testing.assert_allclose(got.astype(np.float32), local.image(data).astype(np.float32), atol=ATOL)

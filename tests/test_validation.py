@@ -47,11 +47,11 @@ def test_each_bad_audio_gets_its_error(audio_pre: AudioPreprocessor, spec: Model
 def test_bad_image_in_a_batch_leaves_the_good_ones_intact(image_pre: ImagePreprocessor, spec: ModelSpec) -> None:
     good = [encode_image(synthetic_image(100 + 13 * i, 80 + 7 * i, seed=i), "JPEG") for i in range(4)]
     alone = [image_pre([_u8(g)])[0][0] for g in good]
-    truncated = bad_images(spec)["truncated_jpeg"][0]
+    truncated = bad_images(spec)["corrupt_png_data"][0]
     rebuilds = image_pre.runner.rebuilds
     mixed = image_pre([_u8(good[0]), _u8(truncated), _u8(good[1]), _u8(good[2]), _u8(good[3])])
     assert isinstance(mixed[1], InputError)
-    # The truncated JPEG passes the header checks, so DALI itself failed the batch and was rebuilt.
+    # The corrupt PNG passes every header check, so DALI itself failed the batch and was rebuilt.
     assert image_pre.runner.rebuilds > rebuilds
     for got, want in zip([mixed[0], mixed[2], mixed[3], mixed[4]], alone):
         assert not isinstance(got, Exception)
