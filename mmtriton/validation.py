@@ -175,7 +175,7 @@ def _wav_data_shortfall(data: bytes) -> int:
 
 
 def check_audio(
-    payload: np.ndarray | bytes, *, max_bytes: int, max_seconds: float, name: str = "audio"
+    payload: np.ndarray | bytes, *, max_bytes: int, max_seconds: float, name: str = "audio", full_decode: bool = False
 ) -> AudioInfo:
     """Check an encoded audio clip before decoding it.
 
@@ -184,6 +184,8 @@ def check_audio(
         max_bytes: Largest accepted payload.
         max_seconds: Longest accepted duration.
         name: Request input name, used in error messages.
+        full_decode: Also decode FLAC/OGG completely (on the CPU) to find damage no
+            header shows. For where a DALI batch cannot isolate a bad sample.
 
     Returns:
         Format, sample rate, channels and frames read from the header.
@@ -215,4 +217,10 @@ def check_audio(
         raise InputError(name, f"{fmt} audio holds no samples")
     if result.seconds > max_seconds:
         raise InputError(name, f"audio of {result.seconds:.2f} s exceeds the limit of {max_seconds:g} s")
+    if full_decode and fmt != "WAV":
+        try:
+            soundfile.read(io.BytesIO(data), dtype="int16")
+        except Exception as err:  # libsndfile reports decoder errors as RuntimeError/LibsndfileError
+            detail = str(err).splitlines()[-1].strip() if str(err) else type(err).__name__
+            raise InputError(name, f"could not decode the {fmt} data (corrupt or truncated): {detail}") from None
     return result

@@ -138,6 +138,7 @@ def test_gpu_repository_renders_in_full(bundle_dir: Path, tmp_path: Path) -> Non
     steps = [s.model_name for s in configs["chat_image_audio"].ensemble_scheduling.step]
     assert steps.index("image_check") < steps.index("image_preprocess")
     assert steps.index("audio_check") < steps.index("audio_preprocess")
+    assert configs["audio_check"].parameters["full_decode"].string_value == "true"
     for config in configs.values():
         for tensor in list(config.input) + list(config.output):
             assert tensor.data_type != 0 and len(tensor.dims) > 0, (config.name, tensor.name)

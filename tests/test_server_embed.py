@@ -145,3 +145,40 @@ def test_launcher_reports_a_broken_repository(tmp_path: Path) -> None:
         server.start()
     assert "no_such_backend" in str(err.value)
     assert server.process is None
+
+
+def test_gpu_profile_input_checks_on_the_real_server(bundle_dir: Path, tmp_path: Path, spec: ModelSpec) -> None:
+    """image_check / audio_check (python models of the gpu profile) run on the CPU server by themselves."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from build_engines.render import render_repository
+
+    repo = render_repository(bundle_dir, tmp_path / "repo-gpu", "gpu", engines_dir=tmp_path / "engines")
+    server = TritonServer(
+        model_repository=repo,
+        work_dir=tmp_path / "server",
+        extra_args=["--model-control-mode=explicit", "--load-model=image_check", "--load-model=audio_check"],
+        pythonpath=[ROOT],
+    )
+    cases = [
+        ("image_check", "image", bad_images(spec)["truncated_jpeg"]),
+        ("audio_check", "audio", bad_audio(spec)["truncated_flac"]),
+    ]
+    good = {
+        "image_check": encode_image(synthetic_image(64, 48), "JPEG"),
+        "audio_check": encode_audio(synthetic_audio(16000, 0.5), 16000, "FLAC"),
+    }
+    with server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        for model, name, (payload, expected) in cases:
+            tensor = grpcclient.InferInput(name, [1, len(payload)], "UINT8")
+            tensor.set_data_from_numpy(np.frombuffer(payload, np.uint8).reshape(1, -1))
+            with pytest.raises(InferenceServerException) as err:
+                client.infer(model, [tensor])
+            assert "INVALID_ARGUMENT" in str(err.value.status()) and expected.split(": ", 1)[-1] in str(err.value)
+            data = good[model]
+            tensor = grpcclient.InferInput(name, [1, len(data)], "UINT8")
+            tensor.set_data_from_numpy(np.frombuffer(data, np.uint8).reshape(1, -1))
+            assert client.infer(model, [tensor]).as_numpy("checked").tobytes() == data
+        client.close()

@@ -79,3 +79,16 @@ def test_more_payloads_than_the_pipeline_batch(image_pre: ImagePreprocessor) -> 
     payloads = [_u8(encode_image(synthetic_image(64 + i, 64, seed=i), "PNG")) for i in range(n)]
     results = image_pre(payloads)
     assert len(results) == n and not any(isinstance(r, Exception) for r in results)
+
+
+def test_full_decode_catches_what_headers_do_not(spec: ModelSpec) -> None:
+    """The gpu profile's audio_check decodes FLAC/OGG once: a truncated FLAC fails there, not in DALI."""
+    from mmtriton.validation import check_audio
+
+    payload, _ = bad_audio(spec)["truncated_flac"]
+    limits = {"max_bytes": spec.audio.max_bytes, "max_seconds": spec.audio.max_seconds}
+    assert check_audio(payload, **limits).format == "FLAC"  # the header alone looks fine
+    with pytest.raises(InputError, match=r"input 'audio': could not decode the FLAC data \(corrupt or truncated\)"):
+        check_audio(payload, **limits, full_decode=True)
+    good = encode_audio(synthetic_audio(16000, 0.5), 16000, "FLAC")
+    assert check_audio(good, **limits, full_decode=True).frames == 8000

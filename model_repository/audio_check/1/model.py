@@ -14,7 +14,11 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
-        self.limits = {"max_bytes": int(params["max_bytes"]), "max_seconds": float(params["max_seconds"])}
+        self.limits = {
+            "max_bytes": int(params["max_bytes"]),
+            "max_seconds": float(params["max_seconds"]),
+            "full_decode": params.get("full_decode", "false") == "true",
+        }
 
     def execute(self, requests: list) -> list:
         responses = []
