@@ -48,6 +48,22 @@ def cpu_repo(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="session")
+def image_pre(cpu_repo: Path) -> "ImagePreprocessor":
+    """The CPU repository's image pipeline, run in-process."""
+    from mmtriton.preprocess import ImagePreprocessor
+
+    return ImagePreprocessor(cpu_repo / "image_preprocess" / "1" / "dali.py")
+
+
+@pytest.fixture(scope="session")
+def audio_pre(cpu_repo: Path) -> "AudioPreprocessor":
+    """The CPU repository's audio pipeline, run in-process."""
+    from mmtriton.preprocess import AudioPreprocessor
+
+    return AudioPreprocessor(cpu_repo / "audio_preprocess" / "1" / "dali.py")
+
+
+@pytest.fixture(scope="session")
 def server(cpu_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator["TritonServer"]:
     """One real ``tritonserver`` for the whole session, stopped by its own pid.
 

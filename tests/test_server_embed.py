@@ -27,9 +27,9 @@ from tests.conftest import ROOT
 class InProcess:
     """The same pipeline definitions and ONNX files, run without a server."""
 
-    def __init__(self, repo: Path) -> None:
-        self.image_pre = ImagePreprocessor(repo / "image_preprocess" / "1" / "dali.py")
-        self.audio_pre = AudioPreprocessor(repo / "audio_preprocess" / "1" / "dali.py")
+    def __init__(self, repo: Path, image_pre: ImagePreprocessor, audio_pre: AudioPreprocessor) -> None:
+        self.image_pre = image_pre
+        self.audio_pre = audio_pre
         self.vision = OnnxEncoder(repo / "vision_encoder" / "1" / "model.onnx")
         self.audio = OnnxEncoder(repo / "audio_encoder" / "1" / "model.onnx")
 
@@ -43,8 +43,8 @@ class InProcess:
 
 
 @pytest.fixture(scope="module")
-def local(cpu_repo: Path) -> InProcess:
-    return InProcess(cpu_repo)
+def local(cpu_repo: Path, image_pre: ImagePreprocessor, audio_pre: AudioPreprocessor) -> InProcess:
+    return InProcess(cpu_repo, image_pre, audio_pre)
 
 
 # FP16 outputs of the same ONNX graph; batch composition can change the float summation order.

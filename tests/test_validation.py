@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,16 +11,6 @@ from mmtriton.preprocess import AudioPreprocessor, ImagePreprocessor
 from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 from mmtriton.validation import InputError
 from tests.bad_inputs import bad_audio, bad_images
-
-
-@pytest.fixture(scope="module")
-def image_pre(cpu_repo: Path) -> ImagePreprocessor:
-    return ImagePreprocessor(cpu_repo / "image_preprocess" / "1" / "dali.py")
-
-
-@pytest.fixture(scope="module")
-def audio_pre(cpu_repo: Path) -> AudioPreprocessor:
-    return AudioPreprocessor(cpu_repo / "audio_preprocess" / "1" / "dali.py")
 
 
 def _u8(data: bytes) -> np.ndarray:
