@@ -6,14 +6,18 @@ first: it is not empty, not over the byte limit, in a supported container,
 its header is readable, its decoded size (pixels or seconds) is within the
 limit, and the file is not visibly cut short (JPEG end marker, PNG IEND,
 WebP RIFF size, WAV data chunk size). Each failure is
-an :class:`InputError` whose message names the input and the limit.
+an :class:`InputError` whose message names the input and says in words what
+is wrong (the limit, the damaged part); a decoding library's own reason is
+passed on only without the Python object reprs PIL and libsndfile put in it.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +91,35 @@ def sniff_audio(data: bytes) -> str | None:
     return None
 
 
+#: ``<_io.BytesIO object at 0x7f...>`` and the like: a Python object's repr, meaningless to a client.
+_OBJECT_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")
+
+
+def library_reason(err: BaseException) -> str:
+    """A decoding library's own reason for an error, in words a client can use.
+
+    PIL and libsndfile put the repr of the file object they were given into
+    their messages (``Error opening <_io.BytesIO object at 0x7f...>: ...``);
+    that and the empty ``Error :`` prefixes are dropped, the last meaningful
+    line is kept.
+
+    Args:
+        err: The exception the library raised.
+
+    Returns:
+        The library's reason without object reprs or addresses; empty when
+        nothing but a repr was left.
+    """
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    text = _OBJECT_REPR.sub("", lines[-1] if lines else "")
+    text = re.sub(r"^\s*Error opening\s*:?\s*", "", text)
+    text = re.sub(r"^\s*Error\s*:\s*", "", text)
+    text = re.sub(r"\s+", " ", text).strip(" :")
+    if text.lower() in {"cannot identify image file", "error opening"}:
+        return ""
+    return text
+
+
 def _check_size(name: str, data: bytes, max_bytes: int, kinds: str) -> None:
     if not data:
         raise InputError(name, f"empty payload (0 bytes); expected encoded {kinds} bytes")
@@ -118,6 +151,8 @@ def check_image(payload: np.ndarray | bytes, *, max_bytes: int, max_pixels: int,
     fmt = sniff_image(data)
     if fmt is None:
         raise InputError(name, f"not a {kinds} image (unrecognized header {data[:8]!r})")
+    if fmt == "PNG" and not _png_ihdr_intact(data):
+        raise InputError(name, "corrupt PNG header: the IHDR chunk is missing or damaged")
     truncated = _image_truncation(fmt, data)
     if truncated:
         raise InputError(name, truncated)
@@ -129,12 +164,25 @@ def check_image(payload: np.ndarray | bytes, *, max_bytes: int, max_pixels: int,
     except Image.DecompressionBombError:
         raise InputError(name, f"image has more pixels than the limit of {max_pixels} pixels") from None
     except Exception as err:  # PIL raises many types for broken headers
-        raise InputError(name, f"corrupt {fmt} header: {err}") from None
+        reason = library_reason(err)
+        detail = "the image decoder cannot parse it" + (f" ({reason})" if reason else "")
+        raise InputError(name, f"corrupt {fmt} header: {detail}") from None
     if width * height > max_pixels:
         raise InputError(
             name, f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} pixels"
         )
     return ImageInfo(fmt, width, height)
+
+
+def _png_ihdr_intact(data: bytes) -> bool:
+    """True when a PNG's signature is followed by a 13-byte IHDR chunk with a matching CRC."""
+    if len(data) < 33:
+        return False
+    length, kind = struct.unpack_from(">I4s", data, 8)
+    if length != 13 or kind != b"IHDR":
+        return False
+    (crc,) = struct.unpack_from(">I", data, 29)
+    return zlib.crc32(data[12:29]) == crc
 
 
 def _image_truncation(fmt: str, data: bytes) -> str | None:
@@ -205,7 +253,8 @@ def check_audio(
     try:
         info = soundfile.info(io.BytesIO(data))
     except Exception as err:  # libsndfile reports every header problem as a RuntimeError
-        raise InputError(name, f"corrupt {fmt} header: {str(err).splitlines()[-1]}") from None
+        reason = library_reason(err) or "the decoder cannot read it"
+        raise InputError(name, f"corrupt {fmt} header: {reason}") from None
     if info.samplerate <= 0 or info.channels <= 0:
         raise InputError(name, f"corrupt {fmt} header: {info.samplerate} Hz, {info.channels} channels")
     if fmt == "WAV":
@@ -221,6 +270,6 @@ def check_audio(
         try:
             soundfile.read(io.BytesIO(data), dtype="int16")
         except Exception as err:  # libsndfile reports decoder errors as RuntimeError/LibsndfileError
-            detail = str(err).splitlines()[-1].strip() if str(err) else type(err).__name__
+            detail = library_reason(err) or "the decoder stopped"
             raise InputError(name, f"could not decode the {fmt} data (corrupt or truncated): {detail}") from None
     return result

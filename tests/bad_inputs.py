@@ -42,10 +42,22 @@ def bad_images(spec: ModelSpec) -> dict[str, tuple[bytes, str]]:
         "wav_as_image": (encode_audio(synthetic_audio(16000, 0.1), 16000), "not a JPEG/PNG/WebP image"),
         "truncated_jpeg": (jpeg[: len(jpeg) // 2], "input 'image': truncated JPEG: no end-of-image marker"),
         "truncated_png": (png[: len(png) // 2], "input 'image': truncated PNG: no IEND chunk"),
+        # A valid signature, then no IHDR chunk: the header is damaged, not the end of the file.
+        "png_signature_then_garbage": (
+            png[:8] + b"garbage!" * 32,
+            "input 'image': corrupt PNG header: the IHDR chunk is missing or damaged",
+        ),
+        "png_ihdr_crc_damaged": (
+            png[:29] + bytes(b ^ 0xFF for b in png[29:33]) + png[33:],
+            "input 'image': corrupt PNG header: the IHDR chunk is missing or damaged",
+        ),
         "truncated_webp": (webp[: len(webp) // 2], "input 'image': truncated WebP: its RIFF header says"),
         # Passes every header check; only decoding finds the damage (DALI fails, the runner isolates it).
         "corrupt_png_data": (corrupt_png_data(png), "input 'image': could not decode the PNG data (corrupt or truncated)"),
-        "corrupt_jpeg_header": (jpeg[:20] + bytes(200) + jpeg[220:], "input 'image': corrupt JPEG header"),
+        "corrupt_jpeg_header": (
+            jpeg[:20] + bytes(200) + jpeg[220:],
+            "input 'image': corrupt JPEG header: the image decoder cannot parse it",
+        ),
         "too_many_pixels": (_huge_png_header(6000, 5000), f"exceeds the limit of {v.max_pixels} pixels"),
         "too_many_bytes": (jpeg + bytes(v.max_bytes), f"exceeds the limit of {v.max_bytes} bytes"),
     }
@@ -63,7 +75,10 @@ def bad_audio(spec: ModelSpec) -> dict[str, tuple[bytes, str]]:
         "jpeg_as_audio": (encode_image(synthetic_image(32, 32), "JPEG"), "not a WAV/FLAC/OGG audio file"),
         "truncated_wav": (wav[: len(wav) // 2], "input 'audio': truncated WAV"),
         "truncated_flac": (flac[: len(flac) // 2], "input 'audio': could not decode the FLAC data (corrupt or truncated)"),
-        "corrupt_header": (wav[:12] + b"\x00" * 40, "input 'audio': corrupt WAV header"),
+        "corrupt_header": (
+            wav[:12] + b"\x00" * 40,
+            "input 'audio': corrupt WAV header: Error in WAV file. No 'data' chunk marker.",
+        ),
         "too_long": (too_long, f"exceeds the limit of {a.max_seconds:g} s"),
         "too_many_bytes": (wav + bytes(a.max_bytes), f"exceeds the limit of {a.max_bytes} bytes"),
     }

@@ -1,4 +1,4 @@
-"""Bad payloads in-process: each gets its named error, and good payloads batched with them survive."""
+"""Bad payloads in-process: each gets its named error in words, and good payloads batched with them survive."""
 
 from __future__ import annotations
 
@@ -81,3 +81,45 @@ def test_full_decode_catches_what_headers_do_not(spec: ModelSpec) -> None:
         check_audio(payload, **limits, full_decode=True)
     good = encode_audio(synthetic_audio(16000, 0.5), 16000, "FLAC")
     assert check_audio(good, **limits, full_decode=True).frames == 8000
+
+
+def test_no_message_shows_a_python_object(
+    image_pre: ImagePreprocessor, audio_pre: AudioPreprocessor, spec: ModelSpec
+) -> None:
+    """Every bad case's message is words for a client: no object repr, no memory address."""
+    from mmtriton.validation import check_audio
+
+    messages = {f"image/{name}": str(image_pre([_u8(p)])[0]) for name, (p, _) in bad_images(spec).items()}
+    messages |= {f"audio/{name}": str(audio_pre([_u8(p)])[0]) for name, (p, _) in bad_audio(spec).items()}
+    limits = {"max_bytes": spec.audio.max_bytes, "max_seconds": spec.audio.max_seconds}
+    for name, (payload, _) in bad_audio(spec).items():
+        with pytest.raises(InputError) as err:
+            check_audio(payload, **limits, full_decode=True)
+        messages[f"audio-full-decode/{name}"] = str(err.value)
+    assert len(messages) == 2 * len(bad_audio(spec)) + len(bad_images(spec))
+    for name, message in messages.items():
+        assert message.startswith(("input 'image': ", "input 'audio': ")), f"{name}: {message}"
+        for fragment in (" at 0x", "<_io", "object at", "BytesIO"):
+            assert fragment not in message, f"{name}: {message}"
+
+
+def test_png_signature_then_garbage_is_a_corrupt_header(spec: ModelSpec) -> None:
+    """Not "truncated": what is broken is the header right after the signature, even when IEND follows."""
+    from mmtriton.validation import check_image
+
+    png = encode_image(synthetic_image(40, 30), "PNG")
+    limits = {"max_bytes": spec.vision.max_bytes, "max_pixels": spec.vision.max_pixels}
+    assert check_image(png, **limits).width == 40
+    for payload in (png[:8] + b"\x00" * 64, png[:8] + b"junk" * 20 + png[-12:], png[:16]):
+        with pytest.raises(InputError) as err:
+            check_image(payload, **limits)
+        assert str(err.value) == "input 'image': corrupt PNG header: the IHDR chunk is missing or damaged"
+
+
+def test_library_reason_drops_object_reprs() -> None:
+    from mmtriton.validation import library_reason
+
+    raw = RuntimeError("Error opening <_io.BytesIO object at 0x7fe9a1b2c3d0>: Error in WAV file. No 'data' chunk marker.")
+    assert library_reason(raw) == "Error in WAV file. No 'data' chunk marker."
+    assert library_reason(OSError("cannot identify image file <_io.BytesIO object at 0x7f0000000000>")) == ""
+    assert library_reason(RuntimeError("Error : flac decoder lost sync.")) == "flac decoder lost sync."
