@@ -119,7 +119,9 @@ def test_png_signature_then_garbage_is_a_corrupt_header(spec: ModelSpec) -> None
 def test_library_reason_drops_object_reprs() -> None:
     from mmtriton.validation import library_reason
 
-    raw = RuntimeError("Error opening <_io.BytesIO object at 0x7fe9a1b2c3d0>: Error in WAV file. No 'data' chunk marker.")
+    raw = RuntimeError(
+        "Error opening <_io.BytesIO object at 0x7fe9a1b2c3d0>: Error in WAV file. No 'data' chunk marker."
+    )
     assert library_reason(raw) == "Error in WAV file. No 'data' chunk marker."
     assert library_reason(OSError("cannot identify image file <_io.BytesIO object at 0x7f0000000000>")) == ""
     assert library_reason(RuntimeError("Error : flac decoder lost sync.")) == "flac decoder lost sync."
