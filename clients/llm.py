@@ -10,12 +10,30 @@ Example::
     client = ChatClient("localhost:8001")            # or ChatClient("localhost:8000", protocol="http")
     for chunk in client.stream("Describe this", image=Path("cat.jpg").read_bytes()):
         print(chunk.text, end="", flush=True)
+
+Errors are typed the same way on every path (see :mod:`clients.errors`):
+:class:`InvalidInputError` for a request the server rejected because of an
+input, :class:`ServerUnavailableError` when it cannot be reached, and
+:class:`InferenceFailedError` for any other server-side failure. An error
+inside a gRPC stream (or an HTTP ``generate_stream`` error event) carries only
+a message, no status code, so there the type comes from the message: this
+server's own input errors (``mmtriton.validation.InputError``, raised by the
+preprocess/check models and by the ``preprocessing`` model's prompt and
+sampling checks in ``mmtriton.prompting``) all start with ``input '<name>': ``
+and become :class:`InvalidInputError`; any other stream error becomes
+:class:`InferenceFailedError`::
+
+    try:
+        answer = client.generate("What is this?", image=data)
+    except InvalidInputError as err:   # e.g. "input 'image': truncated PNG: no IEND chunk"
+        ...
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import re
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +51,39 @@ from clients.errors import (
     ServerUnavailableError,
     from_triton_exception,
 )
+
+
+#: How every input error of this server begins (``mmtriton.validation.InputError``); Triton may put the
+#: ensemble step or request id in front, so it is matched after a start, space, colon or bracket.
+_INPUT_ERROR_MESSAGE = re.compile(r"(?:^|[\s:\]])input '[^']+': ")
+
+
+def stream_error(error: Exception | str) -> ClientError:
+    """Type an error that arrived inside a stream, where there is no status code.
+
+    A gRPC stream delivers server-side errors as a message only, and an HTTP
+    ``generate_stream`` error event is a message after a 200 status. Such an
+    error is an :class:`InvalidInputError` when the message is one of this
+    server's input errors (``input '<name>': ...``) and an
+    :class:`InferenceFailedError` otherwise. An exception that does carry a
+    status (the stream itself failed: unreachable, cancelled) is typed by it.
+
+    Args:
+        error: The exception from the stream callback, or the event's message.
+
+    Returns:
+        The typed client error to raise.
+    """
+    if not isinstance(error, str):
+        status = getattr(error, "status", lambda: None)()
+        if status:
+            return from_triton_exception(error)
+        message = getattr(error, "message", lambda: None)() or str(error)
+    else:
+        message = error
+    if _INPUT_ERROR_MESSAGE.search(message):
+        return InvalidInputError(message)
+    return InferenceFailedError(message)
 
 
 @dataclass(frozen=True)
@@ -147,8 +198,10 @@ class ChatClient:
         """Yield the answer piece by piece as the server generates it.
 
         Raises:
-            InvalidInputError: The server rejected an input (the message names it).
+            InvalidInputError: The server rejected an input (the message names it), also when
+                the error arrives inside the gRPC stream without a status code.
             ServerUnavailableError: The server cannot be reached.
+            InferenceFailedError: Any other server-side failure.
             ClientError: Any other failure.
         """
         model = ensemble_for(image is not None, audio is not None)
@@ -242,7 +295,7 @@ class ChatClient:
                 except queue.Empty:
                     raise InferenceFailedError(f"no response from {model} within {self.timeout_s:.0f} s") from None
                 if error is not None:
-                    raise from_triton_exception(error)
+                    raise stream_error(error)
                 chunk = grpc_chunk(result)
                 if chunk is not None:
                     yield chunk
@@ -285,7 +338,7 @@ class ChatClient:
                         continue
                     event = json.loads(line[len("data:") :])
                     if "error" in event:
-                        raise _http_error(400, event["error"])
+                        raise stream_error(str(event["error"]))
                     chunk = _json_chunk(event)
                     if chunk.token_ids or chunk.text:
                         yield chunk
