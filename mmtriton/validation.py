@@ -24,6 +24,8 @@ import numpy as np
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WebP")
 AUDIO_FORMATS = ("WAV", "FLAC", "OGG")
+# Highest sample rate audio_preprocess band-limits correctly (its dali.py MAX_INPUT_RATE).
+MAX_AUDIO_SAMPLE_RATE = 96000
 
 
 class InputError(ValueError):
@@ -261,6 +263,10 @@ def check_audio(
         missing = _wav_data_shortfall(data)
         if missing:
             raise InputError(name, f"truncated WAV: the data chunk is {missing} bytes shorter than its header says")
+    if info.samplerate > MAX_AUDIO_SAMPLE_RATE:
+        raise InputError(
+            name, f"sample rate of {info.samplerate} Hz exceeds the supported maximum of {MAX_AUDIO_SAMPLE_RATE} Hz"
+        )
     result = AudioInfo(fmt, int(info.samplerate), int(info.channels), int(info.frames))
     if result.frames <= 0:
         raise InputError(name, f"{fmt} audio holds no samples")
