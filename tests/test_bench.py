@@ -234,9 +234,22 @@ def test_report_flags_failed_requests_and_compares(tmp_path: Path) -> None:
         assert paths[name].stat().st_size > 0
 
 
-def test_cli_refuses_compare_without_starting_servers(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit):
-        bench.main(["--compare", str(tmp_path), str(tmp_path)])
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["--compare", "before", "after"], "--compare needs --start-cpu-server"),
+        (["--start-cpu-server"], "--start-cpu-server needs --repo or --compare"),
+    ],
+)
+def test_cli_refuses_what_it_cannot_run(
+    argv: list[str], reason: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused as a usage error (argparse's exit code 2, with the reason), before anything runs or is written."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*argv, "--results-dir", str(tmp_path / "results")])
+    assert exit_info.value.code == 2
+    assert f"error: {reason}" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
 
 
 # ---------------------------------------------------------------------------- real server

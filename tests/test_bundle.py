@@ -84,9 +84,13 @@ def test_rebuild_is_skipped_for_same_spec(spec: ModelSpec, tmp_path: Path) -> No
     before = onnx_path.stat().st_mtime_ns
     build_bundle(spec, out)
     assert onnx_path.stat().st_mtime_ns == before
+    # force=True writes the file again: a marker put in its place is gone and the content is the build's.
+    original = onnx_path.read_bytes()
+    onnx_path.write_bytes(b"not the exported model")
     os.utime(onnx_path, ns=(0, 0))
     build_bundle(spec, out, force=True)
-    assert onnx_path.stat().st_mtime_ns != 0
+    assert onnx_path.read_bytes() == original
+    assert onnx_path.stat().st_mtime_ns > 0
 
 
 def test_load_bundle_missing(tmp_path: Path) -> None:

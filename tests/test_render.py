@@ -10,6 +10,7 @@ from google.protobuf import text_format
 
 from build_engines.ensembles import ENSEMBLES, Ensemble, Step, check_wiring
 from build_engines.render import TEMPLATE_ROOT, RenderError, load_repository_configs, render_repository
+from build_engines.spec import ModelSpec
 
 
 @pytest.fixture()
@@ -26,7 +27,7 @@ def _edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
-def test_rendered_repository_is_complete(cpu_repo: Path) -> None:
+def test_rendered_repository_is_complete(cpu_repo: Path, spec: ModelSpec) -> None:
     configs = load_repository_configs(cpu_repo)
     assert set(configs) == {
         "image_preprocess",
@@ -39,10 +40,28 @@ def test_rendered_repository_is_complete(cpu_repo: Path) -> None:
         *(e.name for e in ENSEMBLES),
     }
     assert check_wiring(configs) == []
+    # The spec's values, not the templates' placeholders, are what the configs hold.
+    serving = spec.serving
     for name, config in configs.items():
-        assert "${" not in (cpu_repo / name / "config.pbtxt").read_text()
+        assert config.max_batch_size == serving.max_batch_size, name
+        if name in ("image_preprocess", "audio_preprocess", "vision_encoder", "audio_encoder"):
+            assert config.dynamic_batching.max_queue_delay_microseconds == serving.max_queue_delay_us, name
         if config.backend == "python":
             assert (cpu_repo / name / "1" / "model.py").exists()
+    assert configs["tensorrt_llm"].dynamic_batching.max_queue_delay_microseconds == serving.llm_queue_delay_us
+    size = spec.vision.image_size
+    assert list(configs["image_preprocess"].output[0].dims) == [3, size, size]
+    assert list(configs["vision_encoder"].input[0].dims) == [3, size, size]
+    assert list(configs["audio_preprocess"].output[0].dims) == [-1, spec.audio.n_mfcc]
+    params = {k: v.string_value for k, v in configs["preprocessing"].parameters.items()}
+    assert params["hidden_size"] == str(spec.llm.hidden_size)
+    assert params["image_token"] == spec.tokenizer.image_token and params["audio_token"] == spec.tokenizer.audio_token
+    assert params["max_input_len"] == str(spec.llm.max_input_len)
+    assert params["max_output_len"] == str(spec.llm.max_output_len)
+    llm = {k: v.string_value for k, v in configs["tensorrt_llm"].parameters.items()}
+    assert llm["batch_scheduler_policy"] == serving.batch_scheduler_policy
+    assert float(llm["kv_cache_free_gpu_mem_fraction"]) == serving.kv_cache_free_gpu_mem_fraction
+    assert llm["cancellation_check_period_ms"] == str(serving.cancellation_check_period_ms)
     for name in ("image_preprocess", "audio_preprocess"):
         assert (cpu_repo / name / "1" / "dali.py").exists()
         assert (cpu_repo / name / "1" / "preprocess.json").exists()
