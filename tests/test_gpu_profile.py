@@ -484,7 +484,7 @@ def test_server_object_refuses_a_mismatch_too(tmp_path: Path, monkeypatch: pytes
 def test_compose_file_validates() -> None:
     validator = _compose_validator()
     if validator is None:
-        pytest.skip(f"no compose validator (docker-compose or the docker compose plugin); CI: {APT_HINT}")
+        pytest.fail(f"no compose validator (docker-compose or the docker compose plugin); install: {APT_HINT}")
     env = {k: v for k, v in os.environ.items() if k not in ("SPEC", "SPEC_NAME", "GRAFANA_ADMIN_PASSWORD")}
     args = [*validator, "-f", str(COMPOSE), "--project-directory", str(ROOT), "--profile", "build"]
     args += ["--profile", "monitoring", "config", "-q"]
@@ -495,7 +495,7 @@ def test_compose_file_validates() -> None:
 def test_compose_validator_rejects_a_broken_file(tmp_path: Path) -> None:
     validator = _compose_validator()
     if validator is None:
-        pytest.skip(f"no compose validator (docker-compose or the docker compose plugin); CI: {APT_HINT}")
+        pytest.fail(f"no compose validator (docker-compose or the docker compose plugin); install: {APT_HINT}")
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(COMPOSE.read_text().replace("shm_size:", "shm_sise:", 1))
     args = [*validator, "-f", str(broken), "--project-directory", str(ROOT), "config", "-q"]
@@ -556,7 +556,7 @@ def test_prometheus_scrapes_triton_and_validates() -> None:
     assert "8002:8002" in _compose()["services"]["triton"]["ports"]
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip(f"promtool not installed; CI: {APT_HINT}")
+        pytest.fail(f"promtool (Debian package prometheus) not installed; install: {APT_HINT}")
     result = subprocess.run([promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -564,7 +564,7 @@ def test_prometheus_scrapes_triton_and_validates() -> None:
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip(f"promtool not installed; CI: {APT_HINT}")
+        pytest.fail(f"promtool (Debian package prometheus) not installed; install: {APT_HINT}")
     rules = [
         {"record": f"dashboard:query_{i}", "expr": re.sub(r"\$__\w+", "1m", expr)}
         for i, (_, expr) in enumerate(dashboard_targets())
