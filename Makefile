@@ -28,7 +28,19 @@ help: ## show this help
 
 setup: $(VENV)/.installed ## create .venv and install the pinned dependencies (Triton server included)
 
+# Refuse an interpreter outside requires-python in pyproject.toml (>=3.11: tomllib; the upper bound: the
+# pinned wheels and the python backend stubs nvidia-pytriton ships). The bounds are read from pyproject.toml.
 $(VENV)/.installed: requirements.txt
+	@bounds=$$(sed -n 's/^requires-python = ">=3\.\([0-9][0-9]*\),<3\.\([0-9][0-9]*\)"$$/\1 \2/p' pyproject.toml); \
+	[ -n "$$bounds" ] || { echo "error: cannot read requires-python (>=3.X,<3.Y) from pyproject.toml" >&2; exit 1; }; \
+	set -- $$bounds; low=$$1; high=$$2; \
+	ver=$$($(PYTHON) -c 'import sys; print("%d %d" % sys.version_info[:2])' 2>/dev/null) || \
+		{ echo "error: cannot run PYTHON=$(PYTHON); give one, e.g. make setup PYTHON=python3.$$low" >&2; exit 1; }; \
+	set -- $$ver; \
+	if [ "$$1" -ne 3 ] || [ "$$2" -lt "$$low" ] || [ "$$2" -ge "$$high" ]; then \
+		echo "error: PYTHON=$(PYTHON) is Python $$1.$$2, but this project needs Python >=3.$$low,<3.$$high" \
+			"(pyproject.toml requires-python); run e.g. make setup PYTHON=python3.$$low" >&2; exit 1; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
