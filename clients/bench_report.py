@@ -3,10 +3,13 @@
 Written by ``python -m clients.bench`` under ``results/<YYYYmmdd-HHMMSS>-<settings>/``:
 
 * ``report.json``: settings, versions (Python, tritonclient, nvidia-pytriton, transformers,
-  torch, ...), git commit, and per configuration and concurrency level the summary
+  torch, ...), git commit, the hardware the benchmark ran on (GPU model, count, driver and
+  CUDA version when there are GPUs; CPU model and cores always; see :func:`hardware_info`),
+  and per configuration and concurrency level the summary
   figures, the server-side figures, the utilization samples and every request's raw
   timings (send, each token's arrival, end, token counts, error).
-* ``report.md``: the same as tables, with the before/after table in comparison mode.
+* ``report.md``: the same as tables, with the before/after table in comparison mode, and
+  a ``Hardware:`` line.
 * ``throughput_latency.png``: output tokens/s and P99 latency against concurrency.
 * ``utilization.png``: utilization over time, one panel per configuration.
 * ``tritonserver-<label>.log``: the server log of each server the benchmark started.
@@ -17,8 +20,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import logging
 import math
+import os
 import platform
+import re
+import shutil
 import subprocess
 from collections.abc import Sequence
 from datetime import datetime
@@ -31,6 +38,9 @@ from clients.bench_stats import percent_change
 __all__ = [
     "comparison",
     "comparison_table",
+    "cpu_model",
+    "hardware_info",
+    "hardware_line",
     "markdown_report",
     "plot_report",
     "report_dict",
@@ -61,6 +71,107 @@ def _git() -> dict[str, Any]:
 
     status = git("status", "--porcelain")
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+LOGGER = logging.getLogger(__name__)
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The CPU's model name, or None when nothing says.
+
+    The first ``model name`` line of ``/proc/cpuinfo`` (x86), else its ``Model`` or
+    ``Hardware`` line (Arm), else :func:`platform.processor`.
+    """
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        text = ""
+    for key in ("model name", "Model", "Hardware"):
+        found = re.search(rf"^{key}\s*:\s*(.+?)\s*$", text, flags=re.MULTILINE)
+        if found:
+            return found.group(1)
+    return platform.processor() or None
+
+
+def _nvidia_smi_gpus() -> dict[str, Any] | None:
+    """GPU model, memory, driver and CUDA version from ``nvidia-smi``; None when it is absent or fails."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        fields = ["--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"]
+        query = subprocess.run([smi, *fields], capture_output=True, text=True, check=True, timeout=30).stdout
+        banner = subprocess.run([smi], capture_output=True, text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        LOGGER.warning("nvidia-smi failed (%s); the report names no GPU from it", err)
+        return None
+    gpus = []
+    for line in query.strip().splitlines():
+        name, memory, driver = (part.strip() for part in line.split(",", 2))
+        memory_mib = int(float(memory)) if memory[:1].isdigit() else None
+        gpus.append({"name": name, "memory_mib": memory_mib, "driver_version": driver})
+    cuda = re.search(r"CUDA Version:\s*([0-9.]+)", banner)
+    return {
+        "source": "nvidia-smi",
+        "gpus": gpus,
+        "driver_version": gpus[0]["driver_version"] if gpus else None,
+        "cuda_version": cuda.group(1) if cuda else None,
+    }
+
+
+def _torch_gpus() -> dict[str, Any] | None:
+    """GPU models from ``torch.cuda`` (CUDA version: the runtime torch was built with); None without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        gpus.append({"name": props.name, "memory_mib": props.total_memory // (1 << 20), "driver_version": None})
+    return {"source": "torch.cuda", "gpus": gpus, "driver_version": None, "cuda_version": torch.version.cuda}
+
+
+def hardware_info() -> dict[str, Any]:
+    """The hardware of the machine running the benchmark (and any server it started).
+
+    GPUs come from ``nvidia-smi`` when it is on ``PATH``, else from ``torch.cuda``
+    when CUDA is available; the CPU is always recorded. Against ``--url`` of
+    another machine this describes the client's machine, not the server's.
+
+    Returns:
+        ``gpu_model`` (the first GPU's name; a mixed set lists every name in ``gpus``),
+        ``gpu_count``, ``gpus``, ``driver_version``, ``cuda_version``, ``gpu_source``
+        (``nvidia-smi``, ``torch.cuda`` or None), ``cpu_model``, ``cpu_cores``
+        (:func:`os.cpu_count`), ``machine``.
+    """
+    none = {"source": None, "gpus": [], "driver_version": None, "cuda_version": None}
+    gpu = _nvidia_smi_gpus() or _torch_gpus() or none
+    gpus = gpu["gpus"]
+    return {
+        "gpu_model": gpus[0]["name"] if gpus else None,
+        "gpu_count": len(gpus),
+        "gpus": gpus,
+        "driver_version": gpu["driver_version"],
+        "cuda_version": gpu["cuda_version"],
+        "gpu_source": gpu["source"],
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+
+
+def hardware_line(hw: dict[str, Any]) -> str:
+    """One Markdown line naming the hardware of :func:`hardware_info`."""
+    cpu = f"CPU {hw['cpu_model'] or 'unknown model'}, {hw['cpu_cores']} cores ({hw['machine']})"
+    if not hw["gpu_count"]:
+        return f"Hardware: no GPU; {cpu}."
+    names = sorted({g["name"] for g in hw["gpus"]})
+    driver = f"driver {hw['driver_version']}" if hw["driver_version"] else "driver unknown"
+    cuda = f"CUDA {hw['cuda_version']}" if hw["cuda_version"] else "CUDA unknown"
+    return f"Hardware: {hw['gpu_count']} × {' + '.join(names)} ({driver}, {cuda}; from {hw['gpu_source']}); {cpu}."
 
 
 COMPARISON_ROWS: tuple[tuple[str, str, str], ...] = (
@@ -157,14 +268,17 @@ def total_errors(configs: Sequence[ConfigResult]) -> int:
     )
 
 
-def report_dict(configs: Sequence[ConfigResult], settings: BenchSettings) -> dict[str, Any]:
-    """The whole report as JSON-ready data."""
+def report_dict(
+    configs: Sequence[ConfigResult], settings: BenchSettings, hardware: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The whole report as JSON-ready data (``hardware``: :func:`hardware_info`, read here when None)."""
     data: dict[str, Any] = {
         "created": datetime.now().isoformat(timespec="seconds"),
         "settings": dataclasses.asdict(settings),
         "versions": _versions(),
         "git": _git(),
         "host": {"platform": platform.platform(), "cpu_count": _cpu_count()},
+        "hardware": hardware if hardware is not None else hardware_info(),
         "errors": total_errors(configs),
         "configs": [
             {
@@ -290,8 +404,11 @@ def _config_section(config: ConfigResult) -> list[str]:
     return out
 
 
-def markdown_report(configs: Sequence[ConfigResult], settings: BenchSettings) -> str:
-    """The report's tables as Markdown."""
+def markdown_report(
+    configs: Sequence[ConfigResult], settings: BenchSettings, hardware: dict[str, Any] | None = None
+) -> str:
+    """The report's tables as Markdown (``hardware``: :func:`hardware_info`, read here when None)."""
+    hw = hardware if hardware is not None else hardware_info()
     errors = total_errors(configs)
     git = _git()
     out = ["# Benchmark report", ""]
@@ -311,6 +428,8 @@ def markdown_report(configs: Sequence[ConfigResult], settings: BenchSettings) ->
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in _versions().items() if v)}. "
         f"Git commit {git['commit']}{' (with uncommitted changes)' if git['dirty'] else ''}.",
+        "",
+        hardware_line(hw),
         "",
     ]
     if len(configs) == 2:
@@ -433,8 +552,9 @@ def write_report(configs: Sequence[ConfigResult], settings: BenchSettings, out_d
     """Write ``report.json``, ``report.md``, the PNG plots and the server logs into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md"}
-    paths["json"].write_text(json.dumps(report_dict(configs, settings), indent=1, default=str) + "\n")
-    paths["md"].write_text(markdown_report(configs, settings))
+    hardware = hardware_info()
+    paths["json"].write_text(json.dumps(report_dict(configs, settings, hardware), indent=1, default=str) + "\n")
+    paths["md"].write_text(markdown_report(configs, settings, hardware))
     for path in plot_report(configs, out_dir):
         paths[path.stem] = path
     for config in configs:

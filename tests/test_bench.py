@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +236,58 @@ def test_report_flags_failed_requests_and_compares(tmp_path: Path) -> None:
     assert rows["utilization (%)"]["change_pct"] == pytest.approx(0.0)
     for name in ("throughput_latency", "utilization"):
         assert paths[name].stat().st_size > 0
+    # The hardware it ran on, in both files.
+    hw = report["hardware"]
+    assert hw["cpu_model"] == _proc_cpu_model() and hw["cpu_cores"] == os.cpu_count()
+    assert f"CPU {hw['cpu_model']}, {os.cpu_count()} cores" in markdown
+
+
+def _proc_cpu_model() -> str:
+    """The first ``model name`` of /proc/cpuinfo, read here independently of the benchmark's code."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    raise AssertionError("no model name in /proc/cpuinfo")
+
+
+def test_hardware_block_names_this_machine() -> None:
+    from clients import bench_report
+
+    hw = bench_report.hardware_info()
+    assert hw["cpu_model"] == _proc_cpu_model()
+    assert hw["cpu_cores"] == os.cpu_count()
+    smi = shutil.which("nvidia-smi")
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout if smi else ""
+    gpus = [line for line in listed.splitlines() if line.startswith("GPU ")]
+    assert hw["gpu_count"] == len(gpus)
+    if not gpus:
+        assert hw["gpu_model"] is None and hw["driver_version"] is None and hw["cuda_version"] is None
+        expected = f"Hardware: no GPU; CPU {_proc_cpu_model()}, {os.cpu_count()} cores ({platform.machine()})."
+        assert bench_report.hardware_line(hw) == expected
+
+
+def test_hardware_block_from_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in nvidia-smi with known answers: two GPUs, their driver, the CUDA version of its banner."""
+    from clients import bench_report
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "--query-gpu=name,memory.total,driver_version" ]; then\n'
+        '  printf "NVIDIA H100 80GB HBM3, 81559, 550.54.15\\nNVIDIA H100 80GB HBM3, 81559, 550.54.15\\n"; exit 0\n'
+        "fi\n"
+        'echo "| NVIDIA-SMI 550.54.15    Driver Version: 550.54.15    CUDA Version: 12.4 |"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    hw = bench_report.hardware_info()
+    assert (hw["gpu_model"], hw["gpu_count"], hw["gpu_source"]) == ("NVIDIA H100 80GB HBM3", 2, "nvidia-smi")
+    assert (hw["driver_version"], hw["cuda_version"]) == ("550.54.15", "12.4")
+    assert hw["gpus"][1] == {"name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559, "driver_version": "550.54.15"}
+    assert bench_report.hardware_line(hw).startswith(
+        "Hardware: 2 × NVIDIA H100 80GB HBM3 (driver 550.54.15, CUDA 12.4; from nvidia-smi); CPU "
+    )
 
 
 @pytest.mark.parametrize(
@@ -298,6 +354,7 @@ def test_short_run_against_cpu_server(server, grpc_url: str, tmp_path: Path) -> 
     assert report["errors"] == 0
     assert report["settings"]["output_tokens"] == 8
     assert report["versions"]["tritonclient"] and report["git"]["commit"]
+    assert (report["hardware"]["cpu_model"], report["hardware"]["cpu_cores"]) == (_proc_cpu_model(), os.cpu_count())
     (config,) = report["configs"]
     assert config["warmup"] and all(r["error"] is None for r in config["warmup"])
     (level,) = config["levels"]
