@@ -467,14 +467,14 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
-    def _port_conflict(self) -> PortInUseError | None:
-        """The port-in-use failure the log reports, if any."""
+    def _port_conflict(self, exited: bool = True) -> PortInUseError | None:
+        """The port-in-use failure the log reports, if any (a bare "already in use" only once it exited)."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         for pattern in (_PORT_IN_USE, _SAME_PORT):
             found = pattern.search(text)
             if found:
                 return PortInUseError(found.group(0), int(found.group(1)))
-        if _BIND_FAILED.search(text):
+        if exited and _BIND_FAILED.search(text):
             return PortInUseError("a port is already in use", None)
         return None
 
@@ -494,7 +494,7 @@ class TritonServer:
             # HTTP answers a moment before the metrics service binds (and may fail to): wait for both,
             # then make sure the process did not exit on a port conflict meanwhile.
             ready = self.is_ready() and (not metrics or self._answers(self.metrics_url))
-            if ready and self.process.poll() is None and self._port_conflict() is None:
+            if ready and self.process.poll() is None and self._port_conflict(exited=False) is None:
                 return
             time.sleep(0.25)
         raise ServerError(
