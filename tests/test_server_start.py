@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -94,13 +93,16 @@ def test_reserved_ports_are_distinct_over_many_calls() -> None:
         # While reserved, another process on this machine gets none of them.
         script = (
             "import json; from mmtriton.server import reserve_ports; "
-            "print(json.dumps([p for _ in range(50) for p in reserve_ports(3).ports]))"
+            "held = [reserve_ports(3) for _ in range(50)]; "
+            "print(json.dumps([p for r in held for p in r.ports])); "
+            "[r.release() for r in held]"
         )
         out = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True, cwd=ROOT
         )
         theirs = json.loads(out.stdout)
         assert len(theirs) == 150 and not set(theirs) & set(ports)
+        assert not any((server_mod.port_lock_dir() / f"{p}.lock").exists() for p in theirs)
     finally:
         for r in held:
             r.release()
@@ -123,7 +125,7 @@ def test_reservation_skips_excluded_and_locked_ports() -> None:
         first.release()
     fd = server_mod._lock_port(first.ports[0])
     assert fd is not None  # released: lockable again
-    os.close(fd)
+    PortReservation([first.ports[0]], {first.ports[0]: fd}).release()
 
 
 # --- starting the real server ---------------------------------------------------------------------
