@@ -306,6 +306,7 @@ class TritonServer:
     attempts: int = field(default=0, init=False)
     _reservation: PortReservation | None = field(default=None, init=False, repr=False)
     _last_pid: int | None = field(default=None, init=False, repr=False)
+    _picked: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _started_command: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -370,7 +371,8 @@ class TritonServer:
                 it), or auto-picked ports were taken on every attempt.
         """
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        auto = [name for name in PORT_NAMES if not getattr(self, name)]
+        # 0, or a port an earlier start of this instance picked itself: picked (and reserved) afresh.
+        auto = [name for name in PORT_NAMES if getattr(self, name) in (0, self._picked.get(name))]
         given = {name: getattr(self, name) for name in PORT_NAMES if name not in auto}
         if len(set(given.values())) < len(given):
             raise ServerError(f"the ports given must differ: {', '.join(f'{k}={v}' for k, v in given.items())}")
@@ -381,6 +383,7 @@ class TritonServer:
                 self._reservation = reserve_ports(len(auto), exclude=given.values())
                 for name, port in zip(auto, self._reservation.ports):
                     setattr(self, name, port)
+                    self._picked[name] = port
             try:
                 return self._start_once()
             except PortInUseError as err:

@@ -284,7 +284,9 @@ def test_stop_leaves_no_shm_and_no_processes(
     planted.write_bytes(b"x")
     try:
         assert srv.leftover_shm() == [planted]
-        srv.start()
+        srv.start()  # a restart picks and reserves its ports afresh, as the first start did
+        assert srv.attempts == 1 and 0 not in _ports(srv)
+        assert all((server_mod.port_lock_dir() / f"{p}.lock").exists() for p in _ports(srv))
         with caplog.at_level(logging.WARNING, logger="mmtriton.server"):
             srv.stop()
         assert planted.exists() and str(planted) in caplog.text and "left 1 shared-memory region(s)" in caplog.text
