@@ -313,6 +313,7 @@ class Engine:
         self._records: dict[str, _Record] = {}
         self._pending: list[_Record] = []
         self._in_flight = 0
+        self._cancelled = 0
         self._free_rows: set[int] = set(range(prompt_table_capacity))
         self._manager: ContinuousBatchingManager | None = None
         self._accepting = False
@@ -474,22 +475,39 @@ class Engine:
 
     def _stream(self, record: _Record) -> Iterator[list[int]]:
         finished = False
+        held: object = None  # an end or error found while coalescing, handled after the tokens
         try:
             while True:
-                try:
-                    item = record.items.get(timeout=1.0)
-                except queue.Empty:
-                    manager = self._manager
-                    if manager is None or not manager.is_running():
-                        raise EngineError("engine is not running") from None
-                    continue
+                if held is not None:
+                    item, held = held, None
+                else:
+                    try:
+                        item = record.items.get(timeout=1.0)
+                    except queue.Empty:
+                        manager = self._manager
+                        if manager is None or not manager.is_running():
+                            raise EngineError("engine is not running") from None
+                        continue
                 if item is _END:
                     finished = True
                     return
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                yield item
+                # Coalesce: tokens of steps the consumer has not taken yet go out as one item,
+                # so a consumer slower than the engine (per-token responses through Triton)
+                # sends fewer, larger chunks instead of falling further behind.
+                tokens = list(item)
+                while held is None:
+                    try:
+                        more = record.items.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(more, list):
+                        tokens.extend(more)
+                    else:
+                        held = more
+                yield tokens
         finally:
             if not finished:
                 self.cancel(record.request_id)
@@ -511,6 +529,7 @@ class Engine:
             if record.admitted and self._manager is not None:
                 self._manager.cancel_request(request_id)
             logger.debug("request %s cancelled after %d tokens", request_id, len(record.output))
+            self._cancelled += 1
             self._finish(record, None)
             if not record.stream_taken:
                 self._records.pop(request_id, None)
@@ -545,6 +564,12 @@ class Engine:
         """Requests currently handed to the batching loop."""
         with self._lock:
             return self._in_flight
+
+    @property
+    def num_cancelled(self) -> int:
+        """Requests cancelled (stream closed early, ``stop``, client gone) since the engine started."""
+        with self._lock:
+            return self._cancelled
 
     @property
     def num_pending(self) -> int:

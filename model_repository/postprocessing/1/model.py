@@ -1,4 +1,9 @@
-"""postprocessing: token ids -> text, incremental per request id (mmtriton.detokenize)."""
+"""postprocessing: token ids -> text, incremental per request id (mmtriton.detokenize).
+
+It is also where a client that went away is noticed (see mmtriton.cancellation): a
+chunk whose request is cancelled is still answered normally, and the generation of
+that request id is stopped through ``tensorrt_llm``'s ``stop`` input.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,38 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mmtriton.cancellation import StopForwarder
 from mmtriton.detokenize import DetokenizerStates
+from mmtriton.stub_watchdog import exit_with_parent
+
+
+def _stop_generation(request_id: str) -> None:
+    """Send ``tensorrt_llm`` a ``stop=true`` request for ``request_id`` and wait for its final flag."""
+    inputs = [
+        pb_utils.Tensor("input_ids", np.zeros((1, 1), dtype=np.int32)),
+        pb_utils.Tensor("input_lengths", np.ones((1, 1), dtype=np.int32)),
+        pb_utils.Tensor("request_output_len", np.ones((1, 1), dtype=np.int32)),
+        pb_utils.Tensor("stop", np.ones((1, 1), dtype=bool)),
+    ]
+    request = pb_utils.InferenceRequest(
+        model_name="tensorrt_llm", inputs=inputs, requested_output_names=["output_ids"], request_id=request_id
+    )
+    for response in request.exec(decoupled=True):
+        if response.has_error():
+            raise RuntimeError(response.error().message())
 
 
 class TritonPythonModel:
     """Decodes each response of the engine; the chunks of one request share a detokenizer."""
 
     def initialize(self, args: dict) -> None:
+        exit_with_parent()
         from transformers import AutoTokenizer
 
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         self.tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"])
         self.streams = DetokenizerStates(self.tokenizer)
+        self.stops = StopForwarder(_stop_generation)
 
     def _text(self, request) -> str:
         tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()  # [1, beams, n]
@@ -33,9 +58,16 @@ class TritonPythonModel:
         return self.streams.push(request.request_id(), ids, restart=first)
 
     def execute(self, requests: list) -> list:
-        return [
-            pb_utils.InferenceResponse(
-                [pb_utils.Tensor("OUTPUT", np.array([[self._text(r).encode("utf-8")]], dtype=np.object_))]
+        responses = []
+        for request in requests:
+            if request.is_cancelled():
+                self.stops.cancelled(request.request_id())
+            responses.append(
+                pb_utils.InferenceResponse(
+                    [pb_utils.Tensor("OUTPUT", np.array([[self._text(request).encode("utf-8")]], dtype=np.object_))]
+                )
             )
-            for r in requests
-        ]
+        return responses
+
+    def finalize(self) -> None:
+        self.stops.close()

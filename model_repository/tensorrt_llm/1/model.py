@@ -17,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from mmtriton.engine import Engine, EngineError, GenerationRequest
 from mmtriton.prompting import parse_stop_words
+from mmtriton.stub_watchdog import exit_with_parent
 
 
 def _scalar(request, name: str, default=None):
@@ -33,6 +34,7 @@ class TritonPythonModel:
     """Feeds requests to one shared continuous-batching engine and streams its tokens back."""
 
     def initialize(self, args: dict) -> None:
+        exit_with_parent()
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
         self.max_batch_size = int(config["max_batch_size"])
@@ -72,7 +74,15 @@ class TritonPythonModel:
         self.metric_active = self._metric(
             "mmtriton_engine_requests_in_flight", "Requests admitted to the engine's running batch", gauge
         )
-        self._reported = (0, 0)
+        self.metric_queued = self._metric(
+            "mmtriton_engine_requests_queued", "Requests accepted by the engine and waiting for a batch slot", gauge
+        )
+        self.metric_cancelled = self._metric(
+            "mmtriton_engine_requests_cancelled_total",
+            "Requests ended early because their client went away or sent stop",
+            counter,
+        )
+        self._reported = (0, 0, 0)
         self.stop_metrics = threading.Event()
         threading.Thread(target=self._report_metrics, daemon=True).start()
 
@@ -80,11 +90,14 @@ class TritonPythonModel:
         while not self.stop_metrics.wait(0.2):
             hist = self.engine.step_batch_sizes()
             steps, seqs = sum(hist.values()), sum(k * v for k, v in hist.items())
+            cancelled = self.engine.num_cancelled
             self.metric_steps.increment(steps - self._reported[0])
             self.metric_tokens.increment(seqs - self._reported[1])
-            self._reported = (steps, seqs)
+            self.metric_cancelled.increment(cancelled - self._reported[2])
+            self._reported = (steps, seqs, cancelled)
             self.metric_max.set(self.engine.max_batch_size_seen)
             self.metric_active.set(self.engine.num_in_flight)
+            self.metric_queued.set(self.engine.num_pending)
 
     def _request(self, request) -> GenerationRequest:
         ids = _array(request, "input_ids")
@@ -101,7 +114,9 @@ class TritonPythonModel:
             top_p=float(_scalar(request, "runtime_top_p", 0.0)),
             seed=_scalar(request, "seed"),
             stop_words=[] if stop is None else parse_stop_words(stop.reshape(2, -1)),
-            prompt_table=None if table is None else table.reshape(-1, table.shape[-1]),
+            # A copy: a view would keep the stub's shared-memory input, and with it the whole
+            # Triton request (and its ensemble), alive for as long as the engine holds it.
+            prompt_table=None if table is None else np.array(table.reshape(-1, table.shape[-1]), copy=True),
             prompt_vocab_size=int(_scalar(request, "prompt_vocab_size", 0)),
         )
 
@@ -127,11 +142,15 @@ class TritonPythonModel:
             for new in stream:
                 generated.extend(new)
                 if sender.is_cancelled():
-                    stream.close()  # closing the stream cancels the engine request and frees its slot
-                    return
+                    # Closing the stream cancels the engine request and frees its slot. The step
+                    # still ends with a plain final flag: an error here, while postprocessing
+                    # steps of the same request may be in flight, would strand the ensemble
+                    # request in Triton 2.51 (see mmtriton/cancellation.py).
+                    stream.close()
+                    break
                 if streaming:
                     sender.send(self._response(new, num_input, len(generated)))
-            if streaming:
+            if streaming or sender.is_cancelled():
                 sender.send(flags=final)
             else:
                 sender.send(self._response(generated, num_input, len(generated)), flags=final)
