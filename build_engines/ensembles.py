@@ -43,18 +43,30 @@ def image_steps(checked: bool) -> tuple[Step, ...]:
     )
 
 
-def audio_steps(checked: bool) -> tuple[Step, ...]:
-    """Raw audio bytes -> ``audio_embeddings``; ``checked`` puts ``audio_check`` first."""
-    raw = "_audio_checked" if checked else "audio"
-    check = (Step("audio_check", {"audio": "audio"}, {"checked": raw}),) if checked else ()
+def audio_steps(checked: bool, source: str = "audio") -> tuple[Step, ...]:
+    """Raw audio bytes (ensemble tensor ``source``) -> ``audio_embeddings``; ``checked`` puts ``audio_check`` first."""
+    raw = "_audio_checked" if checked else source
+    check = (Step("audio_check", {"audio": source}, {"checked": raw}),) if checked else ()
     return check + (
         Step("audio_preprocess", {"audio": raw}, {"mfcc": "_mfcc", "mfcc_length": "_mfcc_length"}),
         Step("audio_encoder", {"features": "_mfcc", "feature_length": "_mfcc_length"}, {"embeddings": "audio_embeddings"}),
     )
 
 
-IMAGE_STEPS = image_steps(checked=False)
-AUDIO_STEPS = audio_steps(checked=False)
+def image_then_audio_steps(checked: bool) -> tuple[Step, ...]:
+    """The image chain, then ``audio_gate``, then the audio chain: one step in flight at a time.
+
+    Triton 2.51's ensemble scheduler stops counting a request's steps once one of them
+    has failed, so a failure (a bad payload, or a client that went away, which fails the
+    next scheduled step) while a sibling step still runs leaves the request in flight
+    forever, holding its tensors. Two parallel media chains reach that state; a chain
+    where each step waits for the previous one cannot. ``audio_gate`` makes the audio
+    chain wait for ``image_embeddings`` without reading them.
+    """
+    gate = Step("audio_gate", {"audio": "audio", "after": "image_embeddings"}, {"audio_out": "_audio_after_image"})
+    return image_steps(checked) + (gate,) + audio_steps(checked, source="_audio_after_image")
+
+
 
 # Public inputs of every chat ensemble besides the media; the user-facing names of the
 # TensorRT-LLM "ensemble" model (text_input, max_tokens, top_k, ...).
@@ -150,16 +162,16 @@ def all_ensembles(checked: bool = False) -> tuple[Ensemble, ...]:
     Args:
         checked: Put the ``image_check`` / ``audio_check`` models in front of the media chains.
     """
-    image, audio = image_steps(checked), audio_steps(checked)
+    image, audio, both = image_steps(checked), audio_steps(checked), image_then_audio_steps(checked)
     return (
         Ensemble("embed_image", ("image",), image, ("image_embeddings",)),
         Ensemble("embed_audio", ("audio",), audio, ("audio_embeddings",)),
-        Ensemble("embed_image_audio", ("image", "audio"), image + audio, ("image_embeddings", "audio_embeddings")),
+        Ensemble("embed_image_audio", ("image", "audio"), both, ("image_embeddings", "audio_embeddings")),
         Ensemble("chat_text", CHAT_INPUTS, llm_steps(False, False), CHAT_OUTPUTS),
         Ensemble("chat_image", ("image", *CHAT_INPUTS), image + llm_steps(True, False), CHAT_OUTPUTS),
         Ensemble("chat_audio", ("audio", *CHAT_INPUTS), audio + llm_steps(False, True), CHAT_OUTPUTS),
         Ensemble(
-            "chat_image_audio", ("image", "audio", *CHAT_INPUTS), image + audio + llm_steps(True, True), CHAT_OUTPUTS
+            "chat_image_audio", ("image", "audio", *CHAT_INPUTS), both + llm_steps(True, True), CHAT_OUTPUTS
         ),
     )
 
@@ -306,4 +318,43 @@ def check_wiring(configs: dict[str, mc.ModelConfig]) -> list[str]:
         for inp in ens.input:
             if inp.name not in consumed:
                 problems.append(f"{where}: input {inp.name!r} is not used by any step")
+        problems.extend(f"{where}: {p}" for p in concurrent_steps(steps))
+    return problems
+
+
+def concurrent_steps(steps: list[mc.ModelEnsembling.Step]) -> list[str]:
+    """Pairs of steps that can be in flight at the same time for one request.
+
+    Triton 2.51's ensemble scheduler stops counting a request's steps once one has
+    failed, so a failure while another step of the same request runs leaves the
+    request in flight forever. Every pair of steps must therefore be ordered by
+    their data: one of the two consumes, directly or through others, what the
+    other produces. (A decoupled step and the steps fed by its responses do
+    overlap; those are ordered too, and the later ones never fail: see
+    ``mmtriton/cancellation.py``.)
+
+    Args:
+        steps: The ensemble's steps.
+
+    Returns:
+        One message per unordered pair.
+    """
+    producer = {tensor: i for i, step in enumerate(steps) for tensor in step.output_map.values()}
+    after: list[set[int]] = [{producer[t] for t in step.input_map.values() if t in producer} for step in steps]
+    changed = True
+    while changed:  # transitive closure; ensembles have a handful of steps
+        changed = False
+        for deps in after:
+            grown = set().union(deps, *(after[d] for d in deps))
+            if grown != deps:
+                deps |= grown
+                changed = True
+    problems = []
+    for i in range(len(steps)):
+        for j in range(i + 1, len(steps)):
+            if i not in after[j] and j not in after[i]:
+                problems.append(
+                    f"steps {steps[i].model_name!r} and {steps[j].model_name!r} can run at the same time "
+                    "(a failure in one would strand the request in Triton 2.51); order them"
+                )
     return problems

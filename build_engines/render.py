@@ -30,6 +30,8 @@ TEMPLATE_ROOT = Path(__file__).resolve().parent.parent / "model_repository"
 PREPROCESS_MODELS = ("image_preprocess", "audio_preprocess")
 ENCODER_MODELS = ("vision_encoder", "audio_encoder")
 LLM_MODELS = ("preprocessing", "tensorrt_llm", "postprocessing")
+# Orders the image and audio chains of the two-media ensembles (build_engines/ensembles.py).
+ORDERING_MODELS = ("audio_gate",)
 
 
 class RenderError(RuntimeError):
@@ -279,7 +281,7 @@ def render_repository(
 
     models: dict[str, mc.ModelConfig] = {}
     checks = CHECK_MODELS if profile.checked_inputs else ()
-    for model in checks + PREPROCESS_MODELS + ENCODER_MODELS + LLM_MODELS:
+    for model in checks + PREPROCESS_MODELS + ENCODER_MODELS + ORDERING_MODELS + LLM_MODELS:
         src = template_root / model
         text = render_template(src / "config.pbtxt", values)
         config = parse_config(text, f"{src / 'config.pbtxt'} (rendered)")

@@ -37,6 +37,7 @@ def test_rendered_repository_is_complete(cpu_repo: Path, spec: ModelSpec) -> Non
         "preprocessing",
         "tensorrt_llm",
         "postprocessing",
+        "audio_gate",
         *(e.name for e in ENSEMBLES),
     }
     assert check_wiring(configs) == []
@@ -49,6 +50,8 @@ def test_rendered_repository_is_complete(cpu_repo: Path, spec: ModelSpec) -> Non
         if config.backend == "python":
             assert (cpu_repo / name / "1" / "model.py").exists()
     assert configs["tensorrt_llm"].dynamic_batching.max_queue_delay_microseconds == serving.llm_queue_delay_us
+    # postprocessing must see cancelled requests (a dynamic batcher would fail them): see mmtriton/cancellation.py.
+    assert not configs["postprocessing"].HasField("dynamic_batching")
     size = spec.vision.image_size
     assert list(configs["image_preprocess"].output[0].dims) == [3, size, size]
     assert list(configs["vision_encoder"].input[0].dims) == [3, size, size]
@@ -121,6 +124,41 @@ def test_hand_edited_ensemble_is_caught(cpu_repo: Path) -> None:
     configs = load_repository_configs(cpu_repo)
     text_format.Parse('output { name: "extra" data_type: TYPE_FP16 dims: [ 3 ] }', configs["embed_image"])
     assert any("output 'extra' is never produced" in p for p in check_wiring(configs))
+
+
+def test_parallel_media_chains_are_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    """Image and audio chains side by side (the old two-media wiring) fail the render, naming the pair."""
+    from build_engines.ensembles import audio_steps, image_steps
+
+    parallel = Ensemble(
+        "embed_image_audio",
+        ("image", "audio"),
+        image_steps(checked=False) + audio_steps(checked=False),
+        ("image_embeddings", "audio_embeddings"),
+    )
+    with pytest.raises(RenderError) as err:
+        render_repository(bundle_dir, tmp_path / "repo", ensembles=(parallel,))
+    assert "steps 'image_preprocess' and 'audio_preprocess' can run at the same time" in str(err.value)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_every_shipped_ensemble_is_one_chain(profile: str) -> None:
+    """Every pair of steps in every ensemble is ordered by data (the two-media ones through audio_gate)."""
+    from build_engines.ensembles import all_ensembles, concurrent_steps
+
+    for ens in all_ensembles(checked=profile == "gpu"):
+        steps = [
+            mc_step(step.model, step.inputs, step.outputs) for step in ens.steps
+        ]
+        assert concurrent_steps(steps) == [], ens.name
+    both = {e.name: [s.model for s in e.steps] for e in all_ensembles(checked=profile == "gpu")}
+    assert both["chat_image_audio"].index("audio_gate") == both["chat_image_audio"].index("vision_encoder") + 1
+
+
+def mc_step(model: str, inputs: dict[str, str], outputs: dict[str, str]):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    return mc.ModelEnsembling.Step(model_name=model, model_version=-1, input_map=inputs, output_map=outputs)
 
 
 def test_gpu_repository_renders_in_full(bundle_dir: Path, tmp_path: Path) -> None:
