@@ -9,12 +9,14 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mmtriton.encoding import encode_audio, load_encoder
+from mmtriton.stub_watchdog import exit_with_parent
 
 
 class TritonPythonModel:
     """Pads the requests of a dynamic batch to one length, masks, and trims each result."""
 
     def initialize(self, args: dict) -> None:
+        exit_with_parent()
         version_dir = Path(args["model_repository"]) / args["model_version"]
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         self.encoder = load_encoder(version_dir, args["model_name"], params)

@@ -8,6 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mmtriton.preprocess import AudioPreprocessor
+from mmtriton.stub_watchdog import exit_with_parent
 from mmtriton.validation import InputError
 
 
@@ -15,6 +16,7 @@ class TritonPythonModel:
     """Checks each payload, then computes MFCC frames for the good ones as one DALI batch."""
 
     def initialize(self, args: dict) -> None:
+        exit_with_parent()
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.preprocess = AudioPreprocessor(version_dir / "dali.py")
 

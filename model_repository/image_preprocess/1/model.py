@@ -7,6 +7,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from mmtriton.preprocess import ImagePreprocessor
+from mmtriton.stub_watchdog import exit_with_parent
 from mmtriton.validation import InputError
 
 
@@ -14,6 +15,7 @@ class TritonPythonModel:
     """Checks each payload, then decodes the good ones as one DALI batch."""
 
     def initialize(self, args: dict) -> None:
+        exit_with_parent()
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.preprocess = ImagePreprocessor(version_dir / "dali.py")
 

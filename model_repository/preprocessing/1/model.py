@@ -8,6 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mmtriton.prompting import PromptBuilder, SamplingLimits, check_sampling
+from mmtriton.stub_watchdog import exit_with_parent
 from mmtriton.validation import InputError
 
 
@@ -25,6 +26,7 @@ class TritonPythonModel:
     """Builds input ids, the prompt table and the engine's sampling inputs for each request."""
 
     def initialize(self, args: dict) -> None:
+        exit_with_parent()
         import json
 
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
