@@ -543,7 +543,12 @@ def test_images_and_pins_match_the_stack() -> None:
     assert services["build-engines"]["restart"] == "no" and services["build-engines"]["profiles"] == ["build"]
     assert services["triton"]["ulimits"] == {"memlock": -1, "stack": 67108864}
     assert {"8000:8000", "8001:8001", "8002:8002"} <= set(services["triton"]["ports"])
-    assert "/v2/health/ready" in " ".join(services["triton"]["healthcheck"]["test"])
+    # Liveness through real inference: readiness stays 200 while inference is stuck.
+    health = services["triton"]["healthcheck"]
+    assert health["test"][:4] == ["CMD", "python3", "-m", "mmtriton.probe"]
+    deadline = float(health["test"][health["test"].index("--deadline-s") + 1])
+    # Two requests of up to `deadline` each, plus the interpreter start, fit in the check's timeout.
+    assert float(health["timeout"].rstrip("s")) >= 2 * deadline + 5
 
 
 # --- monitoring ---------------------------------------------------------------------------------
