@@ -23,6 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines.ensembles import Ensemble, all_ensembles, build_ensemble, check_wiring
 from build_engines.spec import ModelSpec, spec_from_dict, with_overrides
+from build_engines.trtllm_facts import check_backend_parameters
 
 LOGGER = logging.getLogger(__name__)
 
@@ -158,8 +159,60 @@ def template_values(spec: ModelSpec, bundle: dict[str, Any], profile: Profile) -
         "max_input_len": spec.llm.max_input_len,
         "max_output_len": spec.llm.max_output_len,
         "prompt_table_capacity": serving.max_batch_size * rows_per_request,
+        # Placeholders that render to nothing outside the gpu profile (see gpu_profile_values).
+        "trtllm_backend_parameters": "",
     }
-    return {key: str(value) for key, value in values.items()}
+    values = {key: str(value) for key, value in values.items()}
+    if profile.llm_backend == "tensorrtllm":
+        values.update(gpu_profile_values(values))
+    return values
+
+
+def parameters_block(params: dict[str, str]) -> str:
+    """``parameters: { key: ... value: { string_value: ... } }`` entries, one per key, in order."""
+    def quoted(text: str) -> str:
+        # JSON string escapes are valid protobuf text-format escapes.
+        return json.dumps(text, ensure_ascii=False)
+
+    entries = [
+        f"parameters: {{\n  key: {quoted(key)}\n  value: {{ string_value: {quoted(value)} }}\n}}"
+        for key, value in params.items()
+    ]
+    return "\n".join(entries)
+
+
+def tensorrtllm_backend_parameters(values: dict[str, str]) -> dict[str, str]:
+    """Keys only the ``tensorrtllm`` backend reads, added to ``tensorrt_llm`` in the gpu profile.
+
+    ``tokenizer_dir``, ``xgrammar_tokenizer_info_path`` and ``guided_decoding_backend``
+    are read unconditionally by ``getGuidedDecodingConfigFromParams`` (a missing key fails
+    the model load; :mod:`build_engines.trtllm_facts`). Empty backend and info path leave
+    guided decoding off; the C++ workflow logs and ignores ``tokenizer_dir``.
+    """
+    return {
+        "tokenizer_dir": values["tokenizer_dir"],
+        "guided_decoding_backend": "",
+        "xgrammar_tokenizer_info_path": "",
+    }
+
+
+def gpu_profile_values(values: dict[str, str]) -> dict[str, str]:
+    """Placeholder values only the gpu profile fills (they render to nothing elsewhere)."""
+    return {"trtllm_backend_parameters": parameters_block(tensorrtllm_backend_parameters(values))}
+
+
+def check_gpu_profile(models: dict[str, mc.ModelConfig]) -> list[str]:
+    """What the TensorRT-LLM 1.2.x stack would refuse in a rendered gpu-profile repository.
+
+    Args:
+        models: The rendered non-ensemble configs by model name.
+
+    Returns:
+        One line per problem (empty when none).
+    """
+    llm = models["tensorrt_llm"]
+    params = {key: value.string_value for key, value in llm.parameters.items()}
+    return [f"tensorrt_llm: {problem}" for problem in check_backend_parameters(params)]
 
 
 def preprocess_settings(spec: ModelSpec, model: str, profile: Profile, num_threads: int) -> dict[str, Any]:
@@ -306,6 +359,11 @@ def render_repository(
             _link_or_copy(bundle_dir / model / "model.onnx", version / "model.onnx")
         if config.backend == "python":
             shutil.copy2(src / "1" / "model.py", version / "model.py")
+
+    if profile.llm_backend == "tensorrtllm":
+        problems = check_gpu_profile(models)
+        if problems:
+            raise RenderError("the gpu profile repository would not load:\n  " + "\n  ".join(problems))
 
     for ensemble in ensembles:
         try:

@@ -1,0 +1,77 @@
+"""The gpu profile against what the TensorRT-LLM 1.2.x Triton stack enforces (build_engines/trtllm_facts.py).
+
+Each fact is cited to its upstream source in build_engines/trtllm_facts.py and
+docs/trtllm-production-facts.md; these tests hold the rendered gpu repository and
+the GPU build plan to them without a GPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from build_engines import trtllm_facts as facts
+from build_engines.render import TEMPLATE_ROOT, RenderError, load_repository_configs, render_repository
+
+
+@pytest.fixture(scope="module")
+def gpu_repo(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The gpu-profile repository of the tiny bundle (engines planned, not built)."""
+    base = tmp_path_factory.mktemp("gpu")
+    return render_repository(bundle_dir, base / "repo-gpu", "gpu", engines_dir=base / "engines")
+
+
+def _llm_params(repo: Path) -> dict[str, str]:
+    llm = load_repository_configs(repo)["tensorrt_llm"]
+    return {key: value.string_value for key, value in llm.parameters.items()}
+
+
+# --- item 1: parameters the backend reads unconditionally ----------------------------------
+
+
+def test_the_required_list_names_the_guided_decoding_keys() -> None:
+    """The list holds what getGuidedDecodingConfigFromParams and getBatchingTypeFromParams read without a try."""
+    required = {p.name for p in facts.REQUIRED_PARAMETERS}
+    assert required == {"gpt_model_type", "tokenizer_dir", "xgrammar_tokenizer_info_path", "guided_decoding_backend"}
+    assert all(p.required and facts.MODEL_INSTANCE_STATE in p.source for p in facts.REQUIRED_PARAMETERS)
+    assert not any(p.required for p in facts.OPTIONAL_PARAMETERS)
+
+
+def test_rendered_tensorrt_llm_has_every_required_parameter(gpu_repo: Path) -> None:
+    params = _llm_params(gpu_repo)
+    missing = [p.name for p in facts.REQUIRED_PARAMETERS if p.name not in params]
+    assert missing == []
+    assert facts.check_backend_parameters(params) == []
+    # Guided decoding stays off: an empty backend name and info path are what the backend skips on.
+    assert params["guided_decoding_backend"] == "" and params["xgrammar_tokenizer_info_path"] == ""
+    assert params["gpt_model_type"] in ("inflight_batching", "inflight_fused_batching")
+
+
+def test_cpu_profile_gets_none_of_the_backend_only_keys(cpu_repo: Path) -> None:
+    params = _llm_params(cpu_repo)
+    assert not {"tokenizer_dir", "xgrammar_tokenizer_info_path", "guided_decoding_backend"} & set(params)
+
+
+def test_render_refuses_a_tensorrt_llm_config_without_them(bundle_dir: Path, tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATE_ROOT, templates)
+    config = templates / "tensorrt_llm" / "config.pbtxt"
+    config.write_text(config.read_text().replace("${trtllm_backend_parameters}", ""))
+    with pytest.raises(RenderError) as err:
+        render_repository(bundle_dir, tmp_path / "repo", "gpu", template_root=templates, engines_dir=tmp_path / "e")
+    for name in ("tokenizer_dir", "xgrammar_tokenizer_info_path", "guided_decoding_backend"):
+        assert f"parameter {name!r} is missing" in str(err.value)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_bool_values_the_backend_cannot_parse_are_named() -> None:
+    params = {p.name: "" for p in facts.REQUIRED_PARAMETERS}
+    assert facts.check_backend_parameters({**params, "enable_chunked_context": "true"}) == []
+    problems = facts.check_backend_parameters({**params, "enable_chunked_context": "yes"})
+    assert len(problems) == 1 and "'enable_chunked_context' = 'yes'" in problems[0] and "default false" in problems[0]
+    assert facts.check_backend_parameters({**params, "tokenizer_dir": "${tokenizer_dir}"}) != []
+    assert facts.parse_bool("FALSE") is False and facts.parse_bool("1") is True
+    with pytest.raises(ValueError):
+        facts.parse_bool("no")
