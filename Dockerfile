@@ -43,4 +43,4 @@ print('dali', nvidia.dali.__version__)" \
  && test -f /opt/tritonserver/backends/dali/libtriton_dali.so \
  && command -v mpirun && command -v trtllm-build
 
-CMD ["python3", "-m", "mmtriton.tp_launcher", "--model-repository", "/workspace/build/repo-gpu-tiny-mm", "--gpus", "0,1"]
+CMD ["python3", "-m", "mmtriton.tp_launcher", "--model-repository", "/workspace/build/repo-gpu-tiny-gpu", "--gpus", "0,1"]

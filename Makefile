@@ -75,18 +75,24 @@ bench-url: ## benchmark a running server (make serve, or a GPU host: add --copy-
 test: build-engines ## run the test suite (starts its own tritonserver on free ports)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-gpu-plan: setup ## print the TP=2 GPU build plan (convert, trtllm-build, trtexec) for SPEC without running it
-	$(PY) -m build_engines bundle --spec $(SPEC) --out $(BUNDLE)
-	$(PY) -m build_engines.gpu --spec $(SPEC) --bundle $(BUNDLE) --out $(BUILD)/engines/$(SPEC_NAME) --dry-run
+# gpu-* targets: SPEC when given (command line or environment), else the GPU smoke spec. tiny.toml
+# (the cpu default) has head size 16, which the TensorRT-LLM attention plugin cannot build.
+GPU_SPEC := $(if $(filter file,$(origin SPEC)),build_engines/specs/tiny-gpu.toml,$(SPEC))
+GPU_SPEC_NAME := $(shell sed -n 's/^name = "\(.*\)"/\1/p' $(GPU_SPEC))
+GPU_BUNDLE := $(BUILD)/bundles/$(GPU_SPEC_NAME)
+
+gpu-plan: setup ## print the TP=2 GPU build plan (convert, trtllm-build, trtexec) for SPEC (default tiny-gpu) without running it
+	$(PY) -m build_engines bundle --spec $(GPU_SPEC) --out $(GPU_BUNDLE)
+	$(PY) -m build_engines.gpu --spec $(GPU_SPEC) --bundle $(GPU_BUNDLE) --out $(BUILD)/engines/$(GPU_SPEC_NAME) --dry-run
 
 gpu-image: ## GPU host: build the serving image (Triton 26.07 trtllm + DALI backend)
 	docker compose build
 
 gpu-engines: ## GPU host: build engines, encoder plan and the gpu repository in the container
-	SPEC=$(SPEC) SPEC_NAME=$(SPEC_NAME) docker compose --profile build run --rm build-engines
+	SPEC=$(GPU_SPEC) SPEC_NAME=$(GPU_SPEC_NAME) docker compose --profile build run --rm build-engines
 
 gpu-up: ## GPU host: serve with TP=2 (mpirun leader mode) on ports 8000/8001/8002
-	SPEC_NAME=$(SPEC_NAME) docker compose up -d triton
+	SPEC_NAME=$(GPU_SPEC_NAME) docker compose up -d triton
 
 monitoring-up: ## GPU host: Prometheus (:9090) and Grafana (:3000) with the Triton dashboard
 	docker compose --profile monitoring up -d

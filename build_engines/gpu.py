@@ -1,6 +1,6 @@
-"""GPU build plan: TensorRT-LLM engines (TP=2) and TensorRT encoder plans for one model spec.
+"""GPU build plan: TensorRT-LLM engines (TP=2) and the TensorRT vision-encoder plan for one model spec.
 
-The plan has four commands, run inside the pinned TensorRT-LLM image
+The plan has three commands, run inside the pinned TensorRT-LLM image
 (``build_engines/stack.toml``):
 
 1. ``convert_checkpoint.py`` of the spec's LLM family: Hugging Face checkpoint
@@ -9,14 +9,20 @@ The plan has four commands, run inside the pinned TensorRT-LLM image
    KV cache, packed input, context FMHA on the paged cache) and room for the
    prompt table of every running request's image and longest audio clip.
 3. ``trtexec``: FP16 TensorRT plan of the vision encoder ONNX.
-4. ``trtexec``: FP16 TensorRT plan of the audio encoder ONNX.
 
-Folders are named by their settings, e.g. ``tiny-mm-tp2-fp32-bs8-in1024-seq1280-ptable6520``;
+There is no audio-encoder plan: the gpu profile serves the audio encoder on the
+python backend (PyTorch on the GPU), see the end of :func:`plan_gpu_build`.
+
+Before anything runs (also before a dry run prints), :func:`build_problems` refuses
+a model TensorRT-LLM cannot build, e.g. a head size the GPT attention plugin has no
+kernel for (:mod:`build_engines.trtllm_facts`).
+
+Folders are named by their settings, e.g. ``tiny-gpu-tp2-fp16-bs8-in1024-seq1280-ptable6520``;
 ``gpu_build.json`` in the output folder records the settings, the commands and
 where each artifact is, for the gpu-profile renderer and the TP launcher.
 
-    python -m build_engines.gpu --spec build_engines/specs/tiny.toml \\
-        --bundle build/bundles/tiny-mm --out build/engines/tiny-mm --dry-run
+    python -m build_engines.gpu --spec build_engines/specs/tiny-gpu.toml \\
+        --bundle build/bundles/tiny-gpu --out build/engines/tiny-gpu --dry-run
 
 ``--dry-run`` prints every command and file in order and runs nothing. A real
 run first checks for a GPU (``nvidia-smi``), ``trtllm-build``, ``trtexec``, the
@@ -72,6 +78,7 @@ from typing import Any
 
 from build_engines.spec import ModelSpec, SpecError, load_spec
 from build_engines.stack import STACK_FILE, Stack, StackError, load_stack
+from build_engines.trtllm_facts import head_size_problem
 
 LOGGER = logging.getLogger(__name__)
 
@@ -81,8 +88,6 @@ DTYPE_TAGS = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 #: Upper bound for ``--max_num_tokens``: TensorRT-LLM's own default chunk size
 #: (tensorrtllm_backend docs/multimodal.md, 1.2.1-era).
 DEFAULT_MAX_NUM_TOKENS = 8192
-#: Audio length the audio plan's kernels are tuned for (the opt shape); any length
-#: from one frame up to ``AudioSpec.max_frames`` runs.
 MANIFEST_NAME = "gpu_build.json"
 STAMP_NAME = ".gpu-step.json"
 
@@ -165,14 +170,14 @@ class LLMBuildSettings:
         return f"tp{self.tp_size}" + (f"-pp{self.pp_size}" if self.pp_size > 1 else "")
 
     def engine_name(self, spec_name: str) -> str:
-        """Engine folder name, e.g. ``tiny-mm-tp2-fp32-bs8-in1024-seq1280-ptable6520``."""
+        """Engine folder name, e.g. ``tiny-gpu-tp2-fp16-bs8-in1024-seq1280-ptable6520``."""
         return (
             f"{spec_name}-{self.parallel_tag}-{DTYPE_TAGS[self.dtype]}-bs{self.max_batch_size}"
             f"-in{self.max_input_len}-seq{self.max_seq_len}-ptable{self.max_prompt_embedding_table_size}"
         )
 
     def checkpoint_name(self, spec_name: str) -> str:
-        """TensorRT-LLM checkpoint folder name, e.g. ``tiny-mm-ckpt-tp2-fp32``."""
+        """TensorRT-LLM checkpoint folder name, e.g. ``tiny-gpu-ckpt-tp2-fp16``."""
         return f"{spec_name}-ckpt-{self.parallel_tag}-{DTYPE_TAGS[self.dtype]}"
 
 
@@ -601,7 +606,7 @@ def engine_world_size(engine_dir: str | Path, *, check_rank_files: bool = True) 
 
 def preflight(plan: GpuBuildPlan) -> list[str]:
     """Everything missing on this machine for a real run; empty when it can run."""
-    problems: list[str] = []
+    problems = build_problems(plan)
     image = plan.stack.triton.image
     smi = shutil.which("nvidia-smi")
     if smi is None:
@@ -633,6 +638,20 @@ def preflight(plan: GpuBuildPlan) -> list[str]:
     if missing:
         problems.append(f"bundle incomplete, missing {missing}: run python -m build_engines bundle first")
     return problems
+
+
+def build_problems(plan: GpuBuildPlan) -> list[str]:
+    """Why ``trtllm-build`` or the engine would fail on this plan's model, found before anything runs.
+
+    Checked: the head size against the GPT attention plugin's kernels
+    (:data:`build_engines.trtllm_facts.MMHA_HEAD_SIZES`).
+
+    Returns:
+        One line per problem; empty when the model can be built.
+    """
+    llm = plan.spec.llm
+    problem = head_size_problem(llm.hidden_size, llm.num_attention_heads)
+    return [f"{plan.spec.source or plan.spec.name}: {problem}"] if problem else []
 
 
 def check_bundle_spec(plan: GpuBuildPlan) -> None:
@@ -760,6 +779,9 @@ def run_plan(plan: GpuBuildPlan, *, force: bool = False) -> list[StepResult]:
     Raises:
         GpuBuildError: A step failed, or the built engine's world size is not the planned one.
     """
+    problems = build_problems(plan)
+    if problems:
+        raise GpuBuildError("the model cannot be built; nothing was run:\n  " + "\n  ".join(problems))
     results: list[StepResult] = []
     total = len(plan.steps)
     for index, step in enumerate(plan.steps, 1):
@@ -822,6 +844,10 @@ def main(argv: list[str] | None = None) -> int:
         check_bundle_spec(plan)
     except (SpecError, StackError, GpuBuildError, FileNotFoundError) as err:
         LOGGER.error("%s", err)
+        return 2
+    problems = build_problems(plan)
+    if problems:
+        LOGGER.error("TensorRT-LLM cannot build this model; nothing was done:\n  - %s", "\n  - ".join(problems))
         return 2
     if args.dry_run:
         if not (args.bundle / "bundle.json").is_file():

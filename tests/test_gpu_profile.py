@@ -31,7 +31,10 @@ from build_engines.stack import StackError, load_stack
 from mmtriton import tp_launcher
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_SPEC = ROOT / "build_engines" / "specs" / "tiny.toml"
+# The GPU smoke spec (head size 32, float16); tiny.toml (head size 16) is the CPU profile's.
+TINY_SPEC = ROOT / "build_engines" / "specs" / "tiny-gpu.toml"
+CPU_SPEC = ROOT / "build_engines" / "specs" / "tiny.toml"
+SHIPPED_SPECS = sorted((ROOT / "build_engines" / "specs").glob("*.toml"))
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 PROMETHEUS = ROOT / "monitoring" / "prometheus.yml"
@@ -256,17 +259,17 @@ def test_dry_run_prints_the_full_tp2_plan(
 
     rows = tiny.vision.tokens_per_image + tiny.audio.tokens(tiny.audio.max_frames)
     assert rows == 64 + 751
-    ckpt = out / "tiny-mm-ckpt-tp2-fp32"
-    engine = out / "tiny-mm-tp2-fp32-bs8-in1024-seq1280-ptable6520"
-    vision = out / "tiny-mm-vision-fp16-bs8-s64" / "model.plan"
+    ckpt = out / "tiny-gpu-ckpt-tp2-fp16"
+    engine = out / "tiny-gpu-tp2-fp16-bs8-in1024-seq1280-ptable6520"
+    vision = out / "tiny-gpu-vision-fp16-bs8-s64" / "model.plan"
     expected_commands = [
         (
             f"$ python3 /app/examples/models/core/llama/convert_checkpoint.py --model_dir {fake_bundle}/llm "
-            f"--output_dir {ckpt} --dtype float32 --tp_size 2 --pp_size 1 --workers 2"
+            f"--output_dir {ckpt} --dtype float16 --tp_size 2 --pp_size 1 --workers 2"
         ),
         (
-            f"$ trtllm-build --checkpoint_dir {ckpt} --output_dir {engine} --gemm_plugin float32 "
-            "--gpt_attention_plugin float32 --kv_cache_type paged --remove_input_padding enable --context_fmha enable "
+            f"$ trtllm-build --checkpoint_dir {ckpt} --output_dir {engine} --gemm_plugin float16 "
+            "--gpt_attention_plugin float16 --kv_cache_type paged --remove_input_padding enable --context_fmha enable "
             "--use_paged_context_fmha enable --max_batch_size 8 --max_beam_width 1 --max_input_len 1024 "
             f"--max_seq_len 1280 --max_num_tokens 8192 --max_prompt_embedding_table_size {8 * rows} --workers 2"
         ),
@@ -314,7 +317,7 @@ def test_plan_settings_follow_the_spec(fake_bundle: Path, tmp_path: Path, tiny: 
     assert plan.llm.world_size == plan.llm.tp_size == 2
     assert plan.llm.max_prompt_embedding_table_size == tiny.serving.max_batch_size * rows
     assert plan.llm.max_seq_len == tiny.llm.max_input_len + tiny.llm.max_output_len
-    assert plan.engine_dir.name == "tiny-mm-tp2-fp32-bs8-in1024-seq1280-ptable6520"
+    assert plan.engine_dir.name == "tiny-gpu-tp2-fp16-bs8-in1024-seq1280-ptable6520"
     manifest = plan.manifest_data()
     assert manifest["llm"]["world_size"] == 2 and manifest["llm"]["engine_dir"] == str(plan.engine_dir)
     assert [s["name"] for s in manifest["steps"]] == ["convert-checkpoint", "trtllm-build", "vision-plan"]
@@ -326,7 +329,7 @@ def test_glm_family_uses_its_convert_script(fake_bundle: Path, tmp_path: Path, t
     convert = plan.steps[0].argv
     assert convert[1] == "/app/examples/models/core/glm-4-9b/convert_checkpoint.py"
     assert convert[-2:] == ("--chatglm_version", "glm4")
-    assert "--gemm_plugin" in plan.steps[1].argv and plan.engine_dir.name.startswith("tiny-mm-tp2-bf16-")
+    assert "--gemm_plugin" in plan.steps[1].argv and plan.engine_dir.name.startswith("tiny-gpu-tp2-bf16-")
 
 
 def test_plan_refuses_what_cannot_be_built(fake_bundle: Path, tmp_path: Path, tiny: ModelSpec) -> None:
@@ -335,7 +338,7 @@ def test_plan_refuses_what_cannot_be_built(fake_bundle: Path, tmp_path: Path, ti
         gpu.GpuBuildError, match=r"llm.family 'qwen' has no GPU build recipe; known: \['glm', 'llama'\]"
     ):
         gpu.plan_gpu_build(qwen, fake_bundle, tmp_path)
-    with pytest.raises(gpu.GpuBuildError, match="llm.num_attention_heads = 4 does not split over tp_size 3"):
+    with pytest.raises(gpu.GpuBuildError, match="llm.num_attention_heads = 2 does not split over tp_size 3"):
         gpu.plan_gpu_build(tiny, fake_bundle, tmp_path, tp_size=3)
     _onnx_model(fake_bundle / "vision_encoder" / "model.onnx", gpu.EncoderIO(("pixels",), ("embeddings",)))
     with pytest.raises(gpu.GpuBuildError, match=r"graph inputs \['pixels'\]"):
@@ -360,6 +363,61 @@ def test_real_run_without_gpu_stops_before_doing_anything(
     assert "nvidia-smi not found on PATH" in caplog.text
     assert "trtllm-build not found on PATH: TensorRT-LLM 1.2.1 is not installed" in caplog.text
     assert not out.exists()
+
+
+@pytest.mark.parametrize("spec_path", SHIPPED_SPECS, ids=[s.stem for s in SHIPPED_SPECS])
+def test_every_shipped_spec_is_checked_before_the_dry_run(
+    spec_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """GPU specs pass the head-size check and print their plan; the CPU spec (head 16) is refused, nothing printed."""
+    spec = load_spec(spec_path)
+    head = spec.llm.hidden_size // spec.llm.num_attention_heads
+    out = tmp_path / "engines"
+    code = gpu.main(["--spec", str(spec_path), "--bundle", str(tmp_path / "no-bundle"), "--out", str(out), "--dry-run"])
+    text = capsys.readouterr().out
+    assert not out.exists()
+    if spec_path == CPU_SPEC:
+        assert head == 16
+        assert code == 2 and text == ""
+        assert "TensorRT-LLM cannot build this model; nothing was done" in caplog.text
+        assert "head size 16 (hidden_size 64 / 4 heads) is not supported" in caplog.text
+        assert "supported head sizes: 32, 48, 64, 80, 96, 104, 112, 128, 144, 160, 192, 224, 256" in caplog.text
+    else:
+        # Independent of the facts module: the kernel list in decoderMaskedMultiheadAttention.cu.
+        assert head in (32, 48, 64, 80, 96, 104, 112, 128, 144, 160, 192, 224, 256)
+        assert code == 0, caplog.text
+        assert "[2/4] trtllm-build" in text and "Dry run: 3 commands" in text
+
+
+def test_head_size_16_is_refused_by_preflight_and_run(fake_bundle: Path, tmp_path: Path, tiny: ModelSpec) -> None:
+    head16 = dataclasses.replace(tiny, llm=dataclasses.replace(tiny.llm, hidden_size=64, num_attention_heads=4))
+    plan = gpu.plan_gpu_build(head16, fake_bundle, tmp_path / "engines")
+    problems = gpu.build_problems(plan)
+    assert len(problems) == 1 and "head size 16" in problems[0] and "224, 256" in problems[0]
+    assert problems[0] in gpu.preflight(plan)
+    with pytest.raises(gpu.GpuBuildError, match="head size 16"):
+        gpu.run_plan(plan)
+    assert not (tmp_path / "engines").exists()
+    assert gpu.build_problems(gpu.plan_gpu_build(tiny, fake_bundle, tmp_path / "engines")) == []
+
+
+def test_gpu_targets_default_to_a_spec_that_builds() -> None:
+    """compose, the Dockerfile's CMD and the Makefile's gpu-* targets name one default spec, and it builds."""
+    text = COMPOSE.read_text()
+    spec_defaults = set(re.findall(r"\$\{SPEC:-([^}]+)\}", text))
+    name_defaults = set(re.findall(r"\$\{SPEC_NAME:-([^}]+)\}", text))
+    assert len(spec_defaults) == 1 and len(name_defaults) == 1
+    spec_path = ROOT / spec_defaults.pop()
+    spec = load_spec(spec_path)
+    assert name_defaults == {spec.name}
+    assert f"/workspace/build/repo-gpu-{spec.name}" in DOCKERFILE.read_text().split("CMD", 1)[1]
+    assert gpu.head_size_problem(spec.llm.hidden_size, spec.llm.num_attention_heads) is None
+    dry = subprocess.run(["make", "-n", "gpu-plan", "gpu-engines"], cwd=ROOT, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k not in ("SPEC", "SPEC_NAME")}, check=True)
+    assert f"--spec {spec_path.relative_to(ROOT)}" in dry.stdout and f"SPEC_NAME={spec.name} " in dry.stdout
+    given = subprocess.run(["make", "-n", "gpu-plan", "SPEC=build_engines/specs/glm4-9b-shape.toml"], cwd=ROOT,
+                           capture_output=True, text=True, check=True)
+    assert "--out build/engines/glm4-9b-shape --dry-run" in given.stdout
 
 
 # --- engine world size ---------------------------------------------------------------------------
