@@ -286,6 +286,7 @@ class ChatClient:
         inputs = grpc_inputs(values)
         responses: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
+        finished = False
         try:
             client.start_stream(callback=lambda result, error: responses.put((result, error)))
             client.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
@@ -295,17 +296,21 @@ class ChatClient:
                 except queue.Empty:
                     raise InferenceFailedError(f"no response from {model} within {self.timeout_s:.0f} s") from None
                 if error is not None:
+                    finished = True  # an error response is the request's last
                     raise stream_error(error)
                 chunk = grpc_chunk(result)
                 if chunk is not None:
                     yield chunk
                 if result.get_response().parameters["triton_final_response"].bool_param:
+                    finished = True
                     return
         except InferenceServerException as err:
             raise from_triton_exception(err) from None
         finally:
-            # Closing the stream early (the caller stopped iterating) cancels the request on the server.
-            client.stop_stream(cancel_requests=True)
+            # Closing the stream early (the caller stopped iterating) cancels the request on the
+            # server. A finished request is not cancelled: Triton 2.51 sometimes leaves an ensemble
+            # request referenced for good when a cancellation reaches it just after its last response.
+            client.stop_stream(cancel_requests=not finished)
             client.close()
 
     # -- HTTP ---------------------------------------------------------------------------

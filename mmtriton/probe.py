@@ -93,6 +93,7 @@ def probe_chat(url: str, deadline_s: float) -> None:
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     end = time.monotonic() + deadline_s
+    finished = False
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)), stream_timeout=deadline_s)
         client.async_stream_infer(
@@ -110,9 +111,12 @@ def probe_chat(url: str, deadline_s: float) -> None:
                 raise ProbeFailed(f"chat_text over gRPC streaming: {error}")
             final = result.get_response().parameters.get("triton_final_response")
             if final is not None and final.bool_param:
+                finished = True
                 return
     finally:
-        client.stop_stream(cancel_requests=True)
+        # Cancel only an unfinished request (a cancellation right after the last response can
+        # leave the request referenced in Triton 2.51; see clients/llm.py).
+        client.stop_stream(cancel_requests=not finished)
         client.close()
 
 
