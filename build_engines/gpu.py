@@ -85,6 +85,12 @@ LOGGER = logging.getLogger(__name__)
 #: ``convert_checkpoint.py --dtype`` choices this plan passes (``auto`` is never used).
 CONVERT_DTYPES = ("float16", "bfloat16", "float32")
 DTYPE_TAGS = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+#: Dtype of every engine this plan builds: that of the prompt table the encoders send
+#: (``prompt_embedding_table`` TYPE_FP16 in model_repository/tensorrt_llm/config.pbtxt). The
+#: batch manager refuses a request table whose dtype differs from the engine's
+#: (build_engines/trtllm_facts.py ``ENGINE_DTYPE_TO_TRITON``); upstream's multimodal examples
+#: convert with ``--dtype float16`` too. The spec's ``llm.dtype`` is the checkpoint's dtype.
+ENGINE_DTYPE = "float16"
 #: Upper bound for ``--max_num_tokens``: TensorRT-LLM's own default chunk size
 #: (tensorrtllm_backend docs/multimodal.md, 1.2.1-era).
 DEFAULT_MAX_NUM_TOKENS = 8192
@@ -158,6 +164,7 @@ class LLMBuildSettings:
     max_seq_len: int
     max_num_tokens: int
     max_prompt_embedding_table_size: int
+    checkpoint_dtype: str = ENGINE_DTYPE
 
     @property
     def world_size(self) -> int:
@@ -248,6 +255,7 @@ class GpuBuildPlan:
                 "pp_size": llm.pp_size,
                 "world_size": llm.world_size,
                 "dtype": llm.dtype,
+                "checkpoint_dtype": llm.checkpoint_dtype,
                 "max_batch_size": llm.max_batch_size,
                 "max_input_len": llm.max_input_len,
                 "max_seq_len": llm.max_seq_len,
@@ -277,7 +285,9 @@ def llm_settings(
     rows, tensorrtllm_backend ``preprocessing/1/model.py``). ``max_num_tokens``
     (tokens per engine step) is ``max_batch_size x max_input_len`` capped at
     TensorRT-LLM's default of 8192, and never below ``max_input_len`` when
-    chunked context is off (a whole prompt must then fit one step).
+    chunked context is off (a whole prompt must then fit one step). The engine
+    dtype is always :data:`ENGINE_DTYPE` (the prompt table's); ``llm.dtype`` is the
+    checkpoint's, which ``convert_checkpoint.py --dtype`` casts from.
 
     Raises:
         GpuBuildError: Unknown family or dtype, a non-positive parallel size, or
@@ -319,7 +329,8 @@ def llm_settings(
         family=family,
         tp_size=tp_size,
         pp_size=pp_size,
-        dtype=llm.dtype,
+        dtype=ENGINE_DTYPE,
+        checkpoint_dtype=llm.dtype,
         max_batch_size=batch,
         max_input_len=llm.max_input_len,
         max_seq_len=max_seq_len,
@@ -596,6 +607,28 @@ def read_engine_mapping(engine_dir: str | Path, *, check_rank_files: bool = True
     return EngineMapping(world_size=world, tp_size=tp, pp_size=pp, cp_size=cp)
 
 
+def read_engine_dtype(engine_dir: str | Path) -> str | None:
+    """The dtype a built engine's weights (and so its prompt table) have, or None before the build.
+
+    ``pretrained_config.dtype`` of the engine's ``config.json``, the key the C++ runtime
+    reads (``cpp/tensorrt_llm/runtime/gptJsonConfig.cpp``).
+
+    Raises:
+        EngineConfigError: ``config.json`` exists but has no string ``pretrained_config.dtype``.
+    """
+    config = Path(engine_dir) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise EngineConfigError(f"{config}: not JSON ({err})") from None
+    dtype = data.get("pretrained_config", {}).get("dtype") if isinstance(data, dict) else None
+    if not isinstance(dtype, str):
+        raise EngineConfigError(f"{config}: no pretrained_config.dtype (not a TensorRT-LLM engine config)")
+    return dtype
+
+
 def engine_world_size(engine_dir: str | Path, *, check_rank_files: bool = True) -> int:
     """GPUs a TensorRT-LLM engine needs (``pretrained_config.mapping.world_size``).
 
@@ -703,7 +736,8 @@ def describe_plan(plan: GpuBuildPlan) -> str:
             f"{stack.tensorrt.version}, image {stack.triton.image})"
         ),
         (
-            f"  llm: family={llm.family.name} dtype={llm.dtype} tp_size={llm.tp_size} pp_size={llm.pp_size} "
+            f"  llm: family={llm.family.name} dtype={llm.dtype} (checkpoint {llm.checkpoint_dtype}; prompt tables are "
+            f"FP16) tp_size={llm.tp_size} pp_size={llm.pp_size} "
             f"world_size={llm.world_size}"
         ),
         (

@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines.ensembles import Ensemble, all_ensembles, build_ensemble, check_wiring
 from build_engines.spec import ModelSpec, spec_from_dict, with_overrides
-from build_engines.trtllm_facts import check_backend_parameters
+from build_engines.trtllm_facts import ENGINE_DTYPE_TO_TRITON, check_backend_parameters
 
 LOGGER = logging.getLogger(__name__)
 
@@ -201,18 +201,30 @@ def gpu_profile_values(values: dict[str, str]) -> dict[str, str]:
     return {"trtllm_backend_parameters": parameters_block(tensorrtllm_backend_parameters(values))}
 
 
-def check_gpu_profile(models: dict[str, mc.ModelConfig]) -> list[str]:
+def check_gpu_profile(models: dict[str, mc.ModelConfig], engine_dtype: str) -> list[str]:
     """What the TensorRT-LLM 1.2.x stack would refuse in a rendered gpu-profile repository.
 
     Args:
         models: The rendered non-ensemble configs by model name.
+        engine_dtype: Dtype of the engine's weights (``float16``, ``bfloat16``, ``float32``):
+            the built engine's ``config.json`` when it exists, else the build plan's.
 
     Returns:
         One line per problem (empty when none).
     """
     llm = models["tensorrt_llm"]
     params = {key: value.string_value for key, value in llm.parameters.items()}
-    return [f"tensorrt_llm: {problem}" for problem in check_backend_parameters(params)]
+    problems = [f"tensorrt_llm: {problem}" for problem in check_backend_parameters(params)]
+    table = next((i for i in llm.input if i.name == "prompt_embedding_table"), None)
+    if table is not None:
+        table_type = mc.DataType.Name(table.data_type)
+        wanted = ENGINE_DTYPE_TO_TRITON.get(engine_dtype)
+        if table_type != wanted:
+            problems.append(
+                f"tensorrt_llm: prompt_embedding_table is {table_type} but the engine is {engine_dtype} "
+                f"({wanted}); the batch manager refuses a prompt table whose dtype differs from the engine's"
+            )
+    return problems
 
 
 def preprocess_settings(spec: ModelSpec, model: str, profile: Profile, num_threads: int) -> dict[str, Any]:
@@ -321,11 +333,15 @@ def render_repository(
     if profile.llm_backend == "tensorrtllm":
         if engines_dir is None:
             raise RenderError("the gpu profile needs --engines (the folder python -m build_engines.gpu writes)")
-        from build_engines.gpu import plan_gpu_build
+        from build_engines.gpu import EngineConfigError, plan_gpu_build, read_engine_dtype
 
         plan = plan_gpu_build(spec, bundle_dir, Path(engines_dir))
         values["engine_dir"] = str(plan.engine_dir.resolve())
         vision_plan = plan.vision_plan
+        try:
+            engine_dtype = read_engine_dtype(plan.engine_dir) or plan.llm.dtype
+        except EngineConfigError as err:
+            raise RenderError(str(err)) from None
     if ensembles is None:
         ensembles = all_ensembles(checked=profile.checked_inputs)
     staging = out_dir.with_name(out_dir.name + ".tmp")
@@ -361,7 +377,7 @@ def render_repository(
             shutil.copy2(src / "1" / "model.py", version / "model.py")
 
     if profile.llm_backend == "tensorrtllm":
-        problems = check_gpu_profile(models)
+        problems = check_gpu_profile(models, engine_dtype)
         if problems:
             raise RenderError("the gpu profile repository would not load:\n  " + "\n  ".join(problems))
 

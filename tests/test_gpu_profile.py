@@ -329,7 +329,9 @@ def test_glm_family_uses_its_convert_script(fake_bundle: Path, tmp_path: Path, t
     convert = plan.steps[0].argv
     assert convert[1] == "/app/examples/models/core/glm-4-9b/convert_checkpoint.py"
     assert convert[-2:] == ("--chatglm_version", "glm4")
-    assert "--gemm_plugin" in plan.steps[1].argv and plan.engine_dir.name.startswith("tiny-gpu-tp2-bf16-")
+    # A bfloat16 checkpoint is converted to the FP16 engine the FP16 prompt tables need.
+    assert convert[convert.index("--dtype") + 1] == "float16" and plan.llm.checkpoint_dtype == "bfloat16"
+    assert "--gemm_plugin" in plan.steps[1].argv and plan.engine_dir.name.startswith("tiny-gpu-tp2-fp16-")
 
 
 def test_plan_refuses_what_cannot_be_built(fake_bundle: Path, tmp_path: Path, tiny: ModelSpec) -> None:

@@ -7,13 +7,20 @@ the GPU build plan to them without a GPU.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
+from build_engines import gpu
 from build_engines import trtllm_facts as facts
 from build_engines.render import TEMPLATE_ROOT, RenderError, load_repository_configs, render_repository
+from build_engines.spec import load_spec, spec_from_dict
+
+SPECS = Path(__file__).resolve().parent.parent / "build_engines" / "specs"
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +28,14 @@ def gpu_repo(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     """The gpu-profile repository of the tiny bundle (engines planned, not built)."""
     base = tmp_path_factory.mktemp("gpu")
     return render_repository(bundle_dir, base / "repo-gpu", "gpu", engines_dir=base / "engines")
+
+
+def _template_inputs(model: str) -> list[mc.ModelInput]:
+    """A template's inputs, read straight from model_repository/ (placeholders only in dims)."""
+    text = (TEMPLATE_ROOT / model / "config.pbtxt").read_text()
+    inputs = text[text.index("input ["): text.index("output [")]
+    config = text_format.Parse(inputs.replace("${llm_hidden_size}", "1"), mc.ModelConfig())
+    return list(config.input)
 
 
 def _llm_params(repo: Path) -> dict[str, str]:
@@ -75,3 +90,40 @@ def test_bool_values_the_backend_cannot_parse_are_named() -> None:
     assert facts.parse_bool("FALSE") is False and facts.parse_bool("1") is True
     with pytest.raises(ValueError):
         facts.parse_bool("no")
+
+
+# --- item 5: prompt-table dtype == engine dtype ---------------------------------------------
+
+
+def _write_engine_config(engine_dir: Path, dtype: str) -> None:
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    config = {"pretrained_config": {"dtype": dtype, "mapping": {"world_size": 2, "tp_size": 2, "pp_size": 1}}}
+    (engine_dir / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("spec_name", ["tiny.toml", "tiny-gpu.toml", "glm4-9b-shape.toml"])
+def test_every_engine_is_planned_in_the_prompt_table_dtype(spec_name: str, tmp_path: Path) -> None:
+    spec = load_spec(SPECS / spec_name)
+    plan = gpu.plan_gpu_build(spec, tmp_path / "bundle", tmp_path / "engines")
+    table = next(i for i in _template_inputs("tensorrt_llm") if i.name == "prompt_embedding_table")
+    assert mc.DataType.Name(table.data_type) == "TYPE_FP16"
+    assert plan.llm.dtype == "float16" and plan.llm.checkpoint_dtype == spec.llm.dtype
+    convert, build = plan.steps[0].argv, plan.steps[1].argv
+    assert convert[convert.index("--dtype") + 1] == "float16"
+    assert build[build.index("--gpt_attention_plugin") + 1] == "float16"
+    assert plan.manifest_data()["llm"]["dtype"] == "float16"
+
+
+def test_render_refuses_an_engine_whose_dtype_is_not_the_tables(bundle_dir: Path, tmp_path: Path) -> None:
+    spec = spec_from_dict(json.loads((bundle_dir / "bundle.json").read_text())["spec"])
+    engines = tmp_path / "engines"
+    plan = gpu.plan_gpu_build(spec, bundle_dir, engines)
+    _write_engine_config(plan.engine_dir, "bfloat16")
+    with pytest.raises(RenderError) as err:
+        render_repository(bundle_dir, tmp_path / "repo", "gpu", engines_dir=engines)
+    assert "prompt_embedding_table is TYPE_FP16 but the engine is bfloat16 (TYPE_BF16)" in str(err.value)
+    _write_engine_config(plan.engine_dir, "float16")
+    render_repository(bundle_dir, tmp_path / "repo", "gpu", engines_dir=engines)
+    (plan.engine_dir / "config.json").write_text("{}")
+    with pytest.raises(RenderError, match="no pretrained_config.dtype"):
+        render_repository(bundle_dir, tmp_path / "repo2", "gpu", engines_dir=engines)
