@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines.ensembles import Ensemble, all_ensembles, build_ensemble, check_wiring
 from build_engines.spec import ModelSpec, spec_from_dict, with_overrides
-from build_engines.trtllm_facts import ENGINE_DTYPE_TO_TRITON, check_backend_parameters
+from build_engines.trtllm_facts import ENGINE_DTYPE_TO_TRITON, all_parameters, check_backend_parameters, parse_bool
 
 LOGGER = logging.getLogger(__name__)
 
@@ -188,11 +188,17 @@ def tensorrtllm_backend_parameters(values: dict[str, str]) -> dict[str, str]:
     are read unconditionally by ``getGuidedDecodingConfigFromParams`` (a missing key fails
     the model load; :mod:`build_engines.trtllm_facts`). Empty backend and info path leave
     guided decoding off; the C++ workflow logs and ignores ``tokenizer_dir``.
+
+    ``enable_kv_cache_reuse`` is off: the backend turns block reuse on when the key is
+    absent, and every multimodal request carries the same fake prompt ids with no
+    ``prompt_table_extra_ids``, so a later request with another image but the same
+    prefix would reuse KV blocks computed from an earlier request's embeddings.
     """
     return {
         "tokenizer_dir": values["tokenizer_dir"],
         "guided_decoding_backend": "",
         "xgrammar_tokenizer_info_path": "",
+        "enable_kv_cache_reuse": "false",
     }
 
 
@@ -216,6 +222,19 @@ def check_gpu_profile(models: dict[str, mc.ModelConfig], engine_dtype: str) -> l
     params = {key: value.string_value for key, value in llm.parameters.items()}
     problems = [f"tensorrt_llm: {problem}" for problem in check_backend_parameters(params)]
     table = next((i for i in llm.input if i.name == "prompt_embedding_table"), None)
+    extra_ids = any(i.name == "prompt_table_extra_ids" for i in llm.input)
+    if table is not None and not extra_ids:
+        reuse = params.get("enable_kv_cache_reuse", all_parameters()["enable_kv_cache_reuse"].default or "")
+        try:
+            reused = parse_bool(reuse)
+        except ValueError:
+            reused = True  # unparsable: the backend falls back to its default, on
+        if reused:
+            problems.append(
+                "tensorrt_llm: KV-cache block reuse is on (enable_kv_cache_reuse absent or true) but requests carry "
+                "prompt tables without prompt_table_extra_ids: requests with the same fake prompt ids would reuse "
+                "KV computed from another request's embeddings; set enable_kv_cache_reuse to false"
+            )
     if table is not None:
         table_type = mc.DataType.Name(table.data_type)
         wanted = ENGINE_DTYPE_TO_TRITON.get(engine_dtype)

@@ -127,3 +127,32 @@ def test_render_refuses_an_engine_whose_dtype_is_not_the_tables(bundle_dir: Path
     (plan.engine_dir / "config.json").write_text("{}")
     with pytest.raises(RenderError, match="no pretrained_config.dtype"):
         render_repository(bundle_dir, tmp_path / "repo2", "gpu", engines_dir=engines)
+
+
+# --- item 6: no KV-cache block reuse across different prompt tables -------------------------
+
+
+def test_kv_cache_reuse_is_off_in_the_gpu_profile(gpu_repo: Path) -> None:
+    params = _llm_params(gpu_repo)
+    # Absent, the backend turns reuse on (getKvCacheConfigFromParams): it must be written out as false.
+    assert facts.all_parameters()["enable_kv_cache_reuse"].default == "true"
+    assert facts.parse_bool(params["enable_kv_cache_reuse"]) is False
+    names = {i.name for i in load_repository_configs(gpu_repo)["tensorrt_llm"].input}
+    assert "prompt_embedding_table" in names and "prompt_table_extra_ids" not in names
+
+
+@pytest.mark.parametrize("value", [None, "true", "1", "yes"])
+def test_reuse_with_shared_fake_ids_is_refused(gpu_repo: Path, value: str | None) -> None:
+    from build_engines.render import check_gpu_profile
+
+    configs = load_repository_configs(gpu_repo)
+    llm = configs["tensorrt_llm"]
+    if value is None:
+        del llm.parameters["enable_kv_cache_reuse"]
+    else:
+        llm.parameters["enable_kv_cache_reuse"].string_value = value
+    problems = check_gpu_profile(configs, "float16")
+    assert any("KV-cache block reuse is on" in p for p in problems), problems
+    # With per-request extra ids the fake ids differ per table, and reuse is safe.
+    llm.input.add(name="prompt_table_extra_ids", data_type=mc.TYPE_UINT64, dims=[-1], optional=True)
+    assert not any("KV-cache block reuse" in p for p in check_gpu_profile(configs, "float16"))
