@@ -161,10 +161,11 @@ def template_values(spec: ModelSpec, bundle: dict[str, Any], profile: Profile) -
         "prompt_table_capacity": serving.max_batch_size * rows_per_request,
         # Placeholders that render to nothing outside the gpu profile (see gpu_profile_values).
         "trtllm_backend_parameters": "",
+        "instance_gpus": "",
     }
     values = {key: str(value) for key, value in values.items()}
     if profile.llm_backend == "tensorrtllm":
-        values.update(gpu_profile_values(values))
+        values.update(gpu_profile_values(values, profile))
     return values
 
 
@@ -202,25 +203,43 @@ def tensorrtllm_backend_parameters(values: dict[str, str]) -> dict[str, str]:
     }
 
 
-def gpu_profile_values(values: dict[str, str]) -> dict[str, str]:
-    """Placeholder values only the gpu profile fills (they render to nothing elsewhere)."""
-    return {"trtllm_backend_parameters": parameters_block(tensorrtllm_backend_parameters(values))}
+def gpu_profile_values(values: dict[str, str], profile: Profile) -> dict[str, str]:
+    """Placeholder values only the gpu profile fills (they render to nothing elsewhere).
+
+    ``instance_gpus`` pins the KIND_GPU instances (DALI, encoders) to rank 0's GPU: the TP
+    launcher shows every rank all GPUs, and unpinned KIND_GPU models get an instance on
+    each visible GPU, beside rank 1's KV cache.
+    """
+    return {
+        "trtllm_backend_parameters": parameters_block(tensorrtllm_backend_parameters(values)),
+        "instance_gpus": f"    gpus: [ {profile.device_id} ]",
+    }
 
 
-def check_gpu_profile(models: dict[str, mc.ModelConfig], engine_dtype: str) -> list[str]:
+def check_gpu_profile(models: dict[str, mc.ModelConfig], engine_dtype: str, gpu: int = 0) -> list[str]:
     """What the TensorRT-LLM 1.2.x stack would refuse in a rendered gpu-profile repository.
 
     Args:
         models: The rendered non-ensemble configs by model name.
         engine_dtype: Dtype of the engine's weights (``float16``, ``bfloat16``, ``float32``):
             the built engine's ``config.json`` when it exists, else the build plan's.
+        gpu: Rank 0's GPU: every KIND_GPU instance group must be pinned to it alone.
 
     Returns:
         One line per problem (empty when none).
     """
+    problems: list[str] = []
+    for name, config in models.items():
+        for index, group in enumerate(config.instance_group):
+            if group.kind == mc.ModelInstanceGroup.KIND_GPU and list(group.gpus) != [gpu]:
+                problems.append(
+                    f"{name}: instance_group[{index}] is KIND_GPU on gpus {list(group.gpus) or 'all visible'}; "
+                    f"rank 0's models must be pinned to GPU {gpu} (gpus: [ {gpu} ]), the other GPUs hold "
+                    "the other ranks' KV caches"
+                )
     llm = models["tensorrt_llm"]
     params = {key: value.string_value for key, value in llm.parameters.items()}
-    problems = [f"tensorrt_llm: {problem}" for problem in check_backend_parameters(params)]
+    problems += [f"tensorrt_llm: {problem}" for problem in check_backend_parameters(params)]
     table = next((i for i in llm.input if i.name == "prompt_embedding_table"), None)
     extra_ids = any(i.name == "prompt_table_extra_ids" for i in llm.input)
     if table is not None and not extra_ids:
@@ -396,7 +415,7 @@ def render_repository(
             shutil.copy2(src / "1" / "model.py", version / "model.py")
 
     if profile.llm_backend == "tensorrtllm":
-        problems = check_gpu_profile(models, engine_dtype)
+        problems = check_gpu_profile(models, engine_dtype, profile.device_id or 0)
         if problems:
             raise RenderError("the gpu profile repository would not load:\n  " + "\n  ".join(problems))
 

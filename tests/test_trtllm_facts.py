@@ -156,3 +156,32 @@ def test_reuse_with_shared_fake_ids_is_refused(gpu_repo: Path, value: str | None
     # With per-request extra ids the fake ids differ per table, and reuse is safe.
     llm.input.add(name="prompt_table_extra_ids", data_type=mc.TYPE_UINT64, dims=[-1], optional=True)
     assert not any("KV-cache block reuse" in p for p in check_gpu_profile(configs, "float16"))
+
+
+# --- item 7: rank 0's GPU models stay on GPU 0 ----------------------------------------------
+
+
+def test_every_kind_gpu_model_is_pinned_to_gpu_0(gpu_repo: Path, cpu_repo: Path) -> None:
+    configs = load_repository_configs(gpu_repo)
+    on_gpu = {
+        name: [list(g.gpus) for g in config.instance_group]
+        for name, config in configs.items()
+        if any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in config.instance_group)
+    }
+    assert set(on_gpu) == {"image_preprocess", "audio_preprocess", "vision_encoder", "audio_encoder"}
+    assert all(groups == [[0]] for groups in on_gpu.values()), on_gpu
+    # The python encoder and the DALI pipelines run on the device their instance is placed on.
+    assert configs["audio_encoder"].parameters["device"].string_value == "cuda:0"
+    # Other profiles leave placement to Triton (one GPU, or none).
+    assert not any(g.gpus for c in load_repository_configs(cpu_repo).values() for g in c.instance_group)
+
+
+def test_render_refuses_an_unpinned_gpu_model(bundle_dir: Path, tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATE_ROOT, templates)
+    config = templates / "vision_encoder" / "config.pbtxt"
+    config.write_text(config.read_text().replace("${instance_gpus}\n", ""))
+    with pytest.raises(RenderError) as err:
+        render_repository(bundle_dir, tmp_path / "repo", "gpu", template_root=templates, engines_dir=tmp_path / "e")
+    assert "vision_encoder: instance_group[0] is KIND_GPU on gpus all visible" in str(err.value)
+    assert "image_preprocess" not in str(err.value)
