@@ -185,3 +185,30 @@ def test_render_refuses_an_unpinned_gpu_model(bundle_dir: Path, tmp_path: Path) 
         render_repository(bundle_dir, tmp_path / "repo", "gpu", template_root=templates, engines_dir=tmp_path / "e")
     assert "vision_encoder: instance_group[0] is KIND_GPU on gpus all visible" in str(err.value)
     assert "image_preprocess" not in str(err.value)
+
+
+# --- item 2: every backend the gpu repository names is in the image ------------------------
+
+
+def test_every_backend_of_the_gpu_repository_is_in_the_image(gpu_repo: Path) -> None:
+    from build_engines.image_backends import BASE_IMAGE_BACKENDS, image_backends, missing_backends
+
+    configs = load_repository_configs(gpu_repo)
+    used = {c.backend for c in configs.values() if c.platform != "ensemble"}
+    assert {c.platform for c in configs.values() if not c.backend} == {"ensemble"}
+    assert used == {"tensorrtllm", "python", "dali", "tensorrt"}
+    assert missing_backends(used) == []
+    assert image_backends() == BASE_IMAGE_BACKENDS | {"dali", "tensorrt"}
+    # The base image alone would not serve the DALI pipelines or the TensorRT vision plan.
+    assert sorted(used - BASE_IMAGE_BACKENDS) == ["dali", "tensorrt"]
+
+
+def test_a_dockerfile_without_the_tensorrt_copy_is_caught(tmp_path: Path) -> None:
+    from build_engines.image_backends import DOCKERFILE, missing_backends
+
+    text = DOCKERFILE.read_text()
+    line = "COPY --from=dali_source /opt/tritonserver/backends/tensorrt /opt/tritonserver/backends/tensorrt\n"
+    assert line in text
+    broken = tmp_path / "Dockerfile"
+    broken.write_text(text.replace(line, ""))
+    assert missing_backends({"tensorrt", "dali", "python", "tensorrtllm"}, broken) == ["tensorrt"]
