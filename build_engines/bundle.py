@@ -47,6 +47,13 @@ __all__ = ["BUNDLE_FORMAT", "BundleError", "build_bundle", "chat_template", "loa
 logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
+#: The bundle's tokenizer and config must load in the TensorRT-LLM image too, whose
+#: transformers is 4.57.1 (TensorRT-LLM requirements.txt, 1.2-era index copy 000867d9), not
+#: the 5.x that saves them here. transformers 5 writes ``"tokenizer_class": "TokenizersBackend"``
+#: (no such class in 4.x) and the special tokens as ``extra_special_tokens``; 4.57 loads the
+#: same tokenizer.json as ``PreTrainedTokenizerFast`` with ``additional_special_tokens``, and 5.x
+#: still reads both. tests/test_tokenizer_compat.py checks it in a transformers 4.57.1 venv.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 ONNX_OPSET = 17
 PARITY_RTOL = 1e-3
 
@@ -233,7 +240,10 @@ def _is_current(out_dir: Path, spec_data: dict[str, Any]) -> bool:
         return False
     if manifest.get("spec") != spec_data:
         return False
-    return all((out_dir / rel).is_file() for rel in manifest.get("files", {}))
+    if not all((out_dir / rel).is_file() for rel in manifest.get("files", {})):
+        return False
+    # Bundles written before the transformers-4.57 compatibility fix are rebuilt.
+    return _is_portable(out_dir / "llm")
 
 
 # Files above this size (multi-GB weights of a 9B-shaped bundle) are recorded by size, not hashed.
@@ -353,7 +363,54 @@ def _build_tokenizer(spec: ModelSpec, llm_dir: Path) -> PreTrainedTokenizerFast:
         if len(tokenizer) != tspec.vocab_size:
             logger.warning("trained tokenizer has %d tokens, spec asks for %d", len(tokenizer), tspec.vocab_size)
     tokenizer.save_pretrained(llm_dir)
+    _make_tokenizer_portable(llm_dir)
     return tokenizer
+
+
+def _make_tokenizer_portable(llm_dir: Path) -> None:
+    """Rewrite ``tokenizer_config.json`` so transformers 4.57 and 5.x both load it (see :data:`PORTABLE_TOKENIZER_CLASS`)."""
+    path = llm_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        # 4.57 reads extra_special_tokens as a name -> token mapping; the list form is 5.x only.
+        del config["extra_special_tokens"]
+        config["additional_special_tokens"] = list(dict.fromkeys([*config.get("additional_special_tokens", []), *extra]))
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _make_config_portable(llm_dir: Path) -> None:
+    """Write ``rope_theta`` at the top level of ``config.json`` too.
+
+    transformers 5 keeps it only in ``rope_parameters``; 4.57's Llama config reads the
+    top-level ``rope_theta`` and would otherwise fall back to its default of 10000.
+    """
+    path = llm_dir / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _is_portable(llm_dir: Path) -> bool:
+    """True when the tokenizer config (and a config.json written here) already load in transformers 4.57."""
+    try:
+        tokenizer = json.loads((llm_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    if tokenizer.get("tokenizer_class") == "TokenizersBackend" or isinstance(tokenizer.get("extra_special_tokens"), list):
+        return False
+    config_path = llm_dir / "config.json"
+    if config_path.is_symlink():
+        return True  # a linked checkpoint's own config is left as it is
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return not (isinstance(config.get("rope_parameters"), dict) and "rope_theta" not in config)
 
 
 def _token_ids(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
@@ -411,6 +468,7 @@ def _build_llm(
     with _no_progress_bars():
         model.to(dtype).save_pretrained(llm_dir, safe_serialization=True)
     del model
+    _make_config_portable(llm_dir)
     stop_ids = [token_ids["eos"]] + ([token_ids["end"]] if "end" in token_ids else [])
     GenerationConfig(
         bos_token_id=token_ids["bos"],
