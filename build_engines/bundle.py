@@ -368,7 +368,10 @@ def _build_tokenizer(spec: ModelSpec, llm_dir: Path) -> PreTrainedTokenizerFast:
 
 
 def _make_tokenizer_portable(llm_dir: Path) -> None:
-    """Rewrite ``tokenizer_config.json`` so transformers 4.57 and 5.x both load it (see :data:`PORTABLE_TOKENIZER_CLASS`)."""
+    """Rewrite ``tokenizer_config.json`` so transformers 4.57 and 5.x both load it.
+
+    See :data:`PORTABLE_TOKENIZER_CLASS`.
+    """
     path = llm_dir / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     if config.get("tokenizer_class") == "TokenizersBackend":
@@ -377,7 +380,8 @@ def _make_tokenizer_portable(llm_dir: Path) -> None:
     if isinstance(extra, list):
         # 4.57 reads extra_special_tokens as a name -> token mapping; the list form is 5.x only.
         del config["extra_special_tokens"]
-        config["additional_special_tokens"] = list(dict.fromkeys([*config.get("additional_special_tokens", []), *extra]))
+        known = config.get("additional_special_tokens", [])
+        config["additional_special_tokens"] = list(dict.fromkeys([*known, *extra]))
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -401,7 +405,9 @@ def _is_portable(llm_dir: Path) -> bool:
         tokenizer = json.loads((llm_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    if tokenizer.get("tokenizer_class") == "TokenizersBackend" or isinstance(tokenizer.get("extra_special_tokens"), list):
+    if tokenizer.get("tokenizer_class") == "TokenizersBackend":
+        return False
+    if isinstance(tokenizer.get("extra_special_tokens"), list):
         return False
     config_path = llm_dir / "config.json"
     if config_path.is_symlink():

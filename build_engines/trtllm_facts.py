@@ -56,9 +56,7 @@ REQUIRED_PARAMETERS: tuple[BackendParameter, ...] = (
     BackendParameter(
         "xgrammar_tokenizer_info_path", f"{_MIS}: ModelInstanceState::getGuidedDecodingConfigFromParams", True
     ),
-    BackendParameter(
-        "guided_decoding_backend", f"{_MIS}: ModelInstanceState::getGuidedDecodingConfigFromParams", True
-    ),
+    BackendParameter("guided_decoding_backend", f"{_MIS}: ModelInstanceState::getGuidedDecodingConfigFromParams", True),
 )
 
 #: Keys read inside ``try``/``catch``: absent (or unparsable) means the default.
@@ -66,24 +64,29 @@ OPTIONAL_PARAMETERS: tuple[BackendParameter, ...] = (
     BackendParameter("max_beam_width", f"{_MIS}: getExecutorConfigFromParams", False, "int", "1"),
     BackendParameter("gpt_model_path", f"{_MIS}: ModelInstanceState::ModelInstanceState", False, "string", ""),
     BackendParameter("encoder_model_path", f"{_MIS}: ModelInstanceState::ModelInstanceState", False, "string", ""),
-    BackendParameter("batch_scheduler_policy", f"{_MIS}: getSchedulerConfigFromParams", False, "string",
-                     "guaranteed_no_evict"),  # fmt: skip
+    BackendParameter(
+        "batch_scheduler_policy", f"{_MIS}: getSchedulerConfigFromParams", False, "string", "guaranteed_no_evict"
+    ),
     BackendParameter("kv_cache_free_gpu_mem_fraction", f"{_MIS}: getKvCacheConfigFromParams", False, "float", "0.9"),
     BackendParameter("enable_kv_cache_reuse", f"{_MIS}: getKvCacheConfigFromParams", False, "bool", "true"),
     BackendParameter("kv_cache_onboard_blocks", f"{_MIS}: getKvCacheConfigFromParams", False, "bool", "true"),
     BackendParameter("enable_chunked_context", f"{_MIS}: getExecutorConfigFromParams", False, "bool", "false"),
     BackendParameter("normalize_log_probs", f"{_MIS}: getExecutorConfigFromParams", False, "bool", "true"),
     BackendParameter("enable_trt_overlap", f"{_MIS}: getExecutorConfigFromParams", False, "bool", "false"),
-    BackendParameter("exclude_input_in_output", f"{_MIS}: ModelInstanceState::ModelInstanceState", False, "bool",
-                     "false"),  # fmt: skip
-    BackendParameter("cancellation_check_period_ms", f"{_MIS}: ModelInstanceState::ModelInstanceState", False,
-                     "int", "100"),  # fmt: skip
+    BackendParameter(
+        "exclude_input_in_output", f"{_MIS}: ModelInstanceState::ModelInstanceState", False, "bool", "false"
+    ),
+    BackendParameter(
+        "cancellation_check_period_ms", f"{_MIS}: ModelInstanceState::ModelInstanceState", False, "int", "100"
+    ),
     BackendParameter("multi_block_mode", f"{_MIS}: getExtendedRuntimePerfKnobConfigFromParams", False, "bool", "true"),
-    BackendParameter("enable_context_fmha_fp32_acc", f"{_MIS}: getExtendedRuntimePerfKnobConfigFromParams", False,
-                     "bool", "false"),  # fmt: skip
+    BackendParameter(
+        "enable_context_fmha_fp32_acc", f"{_MIS}: getExtendedRuntimePerfKnobConfigFromParams", False, "bool", "false"
+    ),
     BackendParameter("cuda_graph_mode", f"{_MIS}: getExtendedRuntimePerfKnobConfigFromParams", False, "bool", "false"),
-    BackendParameter("speculative_decoding_fast_logits", f"{_MIS}: getSpeculativeDecodingConfigFromParams", False,
-                     "bool", "false"),  # fmt: skip
+    BackendParameter(
+        "speculative_decoding_fast_logits", f"{_MIS}: getSpeculativeDecodingConfigFromParams", False, "bool", "false"
+    ),
     BackendParameter("gpu_device_ids", f"{MODEL_STATE}: ModelState::LoadParameters", False, "string", ""),
 )
 
@@ -130,7 +133,8 @@ def check_backend_parameters(params: dict[str, str]) -> list[str]:
         known = all_parameters().get(name)
         if known is not None and known.kind == "bool" and value not in BOOL_TRUE + BOOL_FALSE:
             problems.append(
-                f"parameter {name!r} = {value!r} is not a bool the backend parses ({', '.join(BOOL_TRUE + BOOL_FALSE)});"
+                f"parameter {name!r} = {value!r} is not a bool the backend parses "
+                f"({', '.join(BOOL_TRUE + BOOL_FALSE)});"
                 f" it would silently use its default {known.default}"
             )
         if "${" in value:

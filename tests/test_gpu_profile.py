@@ -594,7 +594,8 @@ def test_images_and_pins_match_the_stack() -> None:
     assert args["TRITON_IMAGE"] == stack.triton.image
     assert args["DALI_SOURCE_IMAGE"] == stack.triton.dali_source_image
     assert "COPY --from=dali_source /opt/tritonserver/backends/dali /opt/tritonserver/backends/dali" in dockerfile
-    assert "COPY --from=dali_source /opt/tritonserver/backends/tensorrt /opt/tritonserver/backends/tensorrt" in dockerfile
+    backends = "/opt/tritonserver/backends"
+    assert f"COPY --from=dali_source {backends}/tensorrt {backends}/tensorrt" in dockerfile
     # DALI's wheel folder goes after site-packages (a .pth file), never ahead of it on PYTHONPATH.
     assert f"RUN echo {stack.triton.dali_pythonpath} \\\n" in dockerfile and "triton-dali-backend.pth" in dockerfile
     env_paths = re.findall(r"^ENV PYTHONPATH=(.*)$", dockerfile, flags=re.MULTILINE)

@@ -62,7 +62,11 @@ print(json.dumps({
 def _compat_python() -> Path:
     """The transformers 4.57.1 interpreter, creating its venv from PyPI the first time."""
     python = COMPAT_VENV / "bin" / "python"
-    check = [str(python), "-c", f"import transformers, jinja2; assert transformers.__version__ == {COMPAT_TRANSFORMERS!r}"]
+    check = [
+        str(python),
+        "-c",
+        f"import transformers, jinja2; assert transformers.__version__ == {COMPAT_TRANSFORMERS!r}",
+    ]
     if python.exists() and subprocess.run(check, capture_output=True, check=False).returncode == 0:
         return python
     shutil.rmtree(COMPAT_VENV, ignore_errors=True)
@@ -76,7 +80,9 @@ def _compat_python() -> Path:
         check=False,
     )
     if install.returncode != 0:
-        pytest.fail(f"cannot install transformers=={COMPAT_TRANSFORMERS} from PyPI into {COMPAT_VENV}:\n{install.stderr}")
+        pytest.fail(
+            f"cannot install transformers=={COMPAT_TRANSFORMERS} from PyPI into {COMPAT_VENV}:\n{install.stderr}"
+        )
     return python
 
 

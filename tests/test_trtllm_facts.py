@@ -33,7 +33,7 @@ def gpu_repo(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def _template_inputs(model: str) -> list[mc.ModelInput]:
     """A template's inputs, read straight from model_repository/ (placeholders only in dims)."""
     text = (TEMPLATE_ROOT / model / "config.pbtxt").read_text()
-    inputs = text[text.index("input ["): text.index("output [")]
+    inputs = text[text.index("input [") : text.index("output [")]
     config = text_format.Parse(inputs.replace("${llm_hidden_size}", "1"), mc.ModelConfig())
     return list(config.input)
 
