@@ -35,7 +35,7 @@ RUN echo /opt/tritonserver/backends/dali/wheel/dali \
 # torch through TensorRT-LLM's own requirements. build_engines renders configs with
 # Triton's model_config_pb2 (tritonclient); the clients use its gRPC client.
 # Not installed on purpose: torch/transformers upgrades (TensorRT-LLM pins its own), and
-# onnxruntime (the gpu profile runs the encoders on TensorRT).
+# onnxruntime (the gpu profile runs the vision encoder on TensorRT, the audio encoder on PyTorch).
 # tritonclient matches the server of the release (26.07 = Triton 2.71.0, server TRITON_VERSION on
 # branch r26.07); "numpy<2" keeps pip from replacing TensorRT-LLM's numpy.
 RUN python3 -m pip install --no-cache-dir "tritonclient[grpc]==2.71.0" "soundfile==0.14.0" "numpy<2"
