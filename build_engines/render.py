@@ -380,6 +380,10 @@ def render_repository(
             engine_dtype = read_engine_dtype(plan.engine_dir) or plan.llm.dtype
         except EngineConfigError as err:
             raise RenderError(str(err)) from None
+        if not (plan.engine_dir / "config.json").is_file():
+            # The backend drops a gpt_model_path that does not exist and then fails with
+            # "Both encoder and decoder model paths are empty" (model_instance_state.cc).
+            LOGGER.warning("tensorrt_llm: engine %s not built yet (needs a GPU); config only", plan.engine_dir)
     if ensembles is None:
         ensembles = all_ensembles(checked=profile.checked_inputs)
     staging = out_dir.with_name(out_dir.name + ".tmp")
