@@ -15,8 +15,8 @@ fetch size limit, see ``docs/trtllm-production-facts.md`` for how close each cop
   ``triton_backend/inflight_batcher_llm/src/model_state.cc``.
 - ``NVIDIA/TensorRT-LLM`` commit ``0ab9d17a59c284d2de36889832fe9fc7c8697604``,
   ``cpp/tensorrt_llm/kernels/decoderMaskedMultiheadAttention.cu``.
-- ``NVIDIA/TensorRT-LLM`` ``cpp/tensorrt_llm/batch_manager/promptTuningBuffers.cpp``
-  (index copy), ``PromptTuningBuffers::validate``.
+- ``NVIDIA/TensorRT-LLM`` commit ``2a9abd9536aa62ad3e4b9314be9286b1b1be523b``,
+  ``cpp/tensorrt_llm/batch_manager/promptTuningBuffers.cpp``, ``PromptTuningBuffers::validate``.
 """
 
 from __future__ import annotations
