@@ -611,7 +611,7 @@ def read_engine_dtype(engine_dir: str | Path) -> str | None:
     """The dtype a built engine's weights (and so its prompt table) have, or None before the build.
 
     ``pretrained_config.dtype`` of the engine's ``config.json``, the key the C++ runtime
-    reads (``cpp/tensorrt_llm/runtime/gptJsonConfig.cpp``).
+    reads (``cpp/tensorrt_llm/runtime/gptJsonConfig.cpp`` ``parseJson``, index commit b57221b7).
 
     Raises:
         EngineConfigError: ``config.json`` exists but has no string ``pretrained_config.dtype``.
