@@ -88,7 +88,8 @@ gpu-plan: setup ## print the TP=2 GPU build plan (convert, trtllm-build, trtexec
 gpu-image: ## GPU host: build the serving image (Triton 26.07 trtllm + DALI backend)
 	docker compose build
 
-gpu-engines: ## GPU host: build engines, encoder plan and the gpu repository in the container
+gpu-engines: setup ## GPU host: build the bundle (host), then engines, encoder plan and the gpu repository in the container
+	$(PY) -m build_engines bundle --spec $(GPU_SPEC) --out $(GPU_BUNDLE)
 	SPEC=$(GPU_SPEC) SPEC_NAME=$(GPU_SPEC_NAME) docker compose --profile build run --rm build-engines
 
 gpu-up: ## GPU host: serve with TP=2 (mpirun leader mode) on ports 8000/8001/8002
