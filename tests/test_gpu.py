@@ -57,19 +57,35 @@ def test_gpu_image_preprocessing_matches_cpu(cpu_repo: Path, cuda_repo: Path) ->
         assert diff.mean() < GPU_IMAGE_MEAN_TOL and diff.max() < GPU_IMAGE_MAX_TOL, (diff.mean(), diff.max())
 
 
-def test_gpu_mfcc_matches_cpu(cpu_repo: Path, cuda_repo: Path) -> None:
+def test_gpu_mfcc_matches_cpu(cpu_repo: Path, cuda_repo: Path, spec) -> None:
+    """Integer-ratio rates (16 and 48 kHz): GPU equals CPU within GPU_MFCC_ATOL.
+
+    Fractional rates (44.1 kHz) pass through DALI's fractional interpolator, whose GPU and
+    CPU kernels differ near its error floor (-93 dB; measured up to 0.015 in the MFCC on an
+    H200): there each device is held to the band-limited numpy reference with the CPU
+    tests' fractional-rate tolerance instead.
+    """
     from mmtriton.preprocess import AudioPreprocessor
+    from tests.reference import mfcc_reference_bandlimited
+    from tests.test_preprocess import _mfcc_kwargs
+    from tests.test_resample import RESAMPLER_SPEC, mfcc_tolerance
 
     cpu = AudioPreprocessor(cpu_repo / "audio_preprocess" / "1" / "dali.py")
     gpu = AudioPreprocessor(cuda_repo / "audio_preprocess" / "1" / "dali.py")
     assert gpu.config["device"] == "gpu"
-    payloads = [
+    integer = [
         encode_audio(synthetic_audio(16000, 10.0, seed=1), 16000, "WAV"),
-        encode_audio(synthetic_audio(44100, 3.0, 2, seed=2), 44100, "FLAC"),
+        encode_audio(synthetic_audio(48000, 3.0, 2, seed=3), 48000, "FLAC"),
     ]
-    for a, b in zip(cpu([_u8(p) for p in payloads]), gpu([_u8(p) for p in payloads])):
+    for a, b in zip(cpu([_u8(p) for p in integer]), gpu([_u8(p) for p in integer])):
         assert a[0].shape == b[0].shape
         np.testing.assert_allclose(b[0], a[0], atol=GPU_MFCC_ATOL, rtol=0)
+    fractional = encode_audio(synthetic_audio(44100, 3.0, 2, seed=2), 44100, "FLAC")
+    ref = mfcc_reference_bandlimited(fractional, **RESAMPLER_SPEC, **_mfcc_kwargs(spec))
+    for device in (cpu, gpu):
+        (result,) = device([_u8(fractional)])
+        assert result[0].shape == ref.shape
+        np.testing.assert_allclose(result[0], ref, atol=mfcc_tolerance(44100), rtol=0)
 
 
 @pytest.fixture(scope="module")
