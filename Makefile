@@ -63,7 +63,7 @@ chat: samples ## stream an answer from a running server (make serve) for the sam
 	$(PY) -m clients chat --url localhost:$(GRPC_PORT) --image $(SAMPLES)/sample.jpg --audio $(SAMPLES)/sample.wav "$(PROMPT)"
 
 demo: build-engines samples ## set up, build, start the server, stream one image+audio+text answer, stop
-	$(PY) -m clients.demo --repo $(REPO) --image $(SAMPLES)/sample.jpg --audio $(SAMPLES)/sample.wav
+	$(PY) -m tools.demo --repo $(REPO) --image $(SAMPLES)/sample.jpg --audio $(SAMPLES)/sample.wav
 
 bench: build-engines ## before/after benchmark on CPU: engine batch 1 vs in-flight batching; report under results/
 	$(PY) -m build_engines render --bundle $(BUNDLE) --profile $(PROFILE) --out $(REPO)-bs1 --set serving.max_batch_size=1

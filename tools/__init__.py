@@ -1,0 +1,1 @@
+"""Repository tools: the demo, GPU-host scripts, plots."""
