@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from build_engines.render import PROFILES, RenderError, render_repository
-from build_engines.spec import SpecError, load_spec
+from mmtriton.spec import SpecError, load_spec
 
 LOGGER = logging.getLogger("build_engines")
 

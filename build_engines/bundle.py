@@ -38,7 +38,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from build_engines.spec import ModelSpec
+from mmtriton.spec import ModelSpec
 from mmtriton.encoders import AudioEncoder, VisionEncoder
 from mmtriton.onnx_runtime import OnnxEncoder
 

@@ -22,8 +22,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines.ensembles import Ensemble, all_ensembles, build_ensemble, check_wiring
-from build_engines.spec import ModelSpec, spec_from_dict, with_overrides
 from build_engines.trtllm_facts import ENGINE_DTYPE_TO_TRITON, all_parameters, check_backend_parameters, parse_bool
+from mmtriton.spec import ModelSpec, spec_from_dict, with_overrides
+from mmtriton.triton_config import ModelConfigError, parse_model_config
 
 LOGGER = logging.getLogger(__name__)
 
@@ -100,15 +101,15 @@ def render_template(path: Path, values: dict[str, str]) -> str:
 
 
 def parse_config(text: str, where: str) -> mc.ModelConfig:
-    """Parse a ``config.pbtxt`` with Triton's own protobuf schema.
+    """Parse a ``config.pbtxt`` with Triton's own protobuf schema (:mod:`mmtriton.triton_config`).
 
     Raises:
         RenderError: The text is not a valid ``ModelConfig``.
     """
     try:
-        return text_format.Parse(text, mc.ModelConfig())
-    except text_format.ParseError as err:
-        raise RenderError(f"{where}: not a valid Triton ModelConfig: {err}") from None
+        return parse_model_config(text, where)
+    except ModelConfigError as err:
+        raise RenderError(str(err)) from None
 
 
 def template_values(spec: ModelSpec, bundle: dict[str, Any], profile: Profile) -> dict[str, str]:

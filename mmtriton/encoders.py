@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from build_engines.spec import AudioSpec, VisionSpec
+from mmtriton.spec import AudioSpec, VisionSpec
 
 __all__ = ["AudioEncoder", "VisionEncoder", "subsampled_lengths"]
 

@@ -33,7 +33,7 @@ class TorchEncoder:
         import torch
         from safetensors.torch import load_file
 
-        from build_engines.spec import spec_from_dict
+        from mmtriton.spec import spec_from_dict
         from mmtriton.encoders import AudioEncoder, VisionEncoder
 
         full = spec_from_dict(spec)

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from build_engines.gpu import EngineConfigError, EngineMapping, read_engine_mapping
+from mmtriton.engine_folder import EngineConfigError, EngineMapping, read_engine_mapping
 from mmtriton.server import ServerError, TritonServer, serve_until_stopped
 
 LOGGER = logging.getLogger(__name__)
@@ -158,14 +158,14 @@ def engine_dir_of(model_repository: Path) -> Path:
     Raises:
         LaunchError: No ``tensorrt_llm/config.pbtxt`` or no ``gpt_model_path`` in it.
     """
-    from build_engines.render import RenderError, parse_config  # protobuf + tritonclient: only when needed
+    from mmtriton.triton_config import ModelConfigError, parse_model_config
 
     config_path = model_repository / LLM_MODEL / "config.pbtxt"
     if not config_path.is_file():
         raise LaunchError(f"{config_path} not found: is {model_repository} a rendered gpu-profile repository?")
     try:
-        config = parse_config(config_path.read_text(), str(config_path))
-    except RenderError as err:
+        config = parse_model_config(config_path.read_text(), str(config_path))
+    except ModelConfigError as err:
         raise LaunchError(str(err)) from None
     if "gpt_model_path" not in config.parameters:
         raise LaunchError(f"{config_path}: no gpt_model_path parameter; pass --engine-dir")

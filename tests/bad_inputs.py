@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import struct
 
-from build_engines.spec import ModelSpec
+from mmtriton.spec import ModelSpec
 from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 
 

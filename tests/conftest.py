@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from build_engines.spec import ModelSpec, load_spec
+from mmtriton.spec import ModelSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_PATH = ROOT / "build_engines" / "specs" / "tiny.toml"

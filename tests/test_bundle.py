@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from build_engines.bundle import BundleError, build_bundle, load_bundle, relative_error
-from build_engines.spec import ModelSpec, load_spec
+from mmtriton.spec import ModelSpec, load_spec
 from mmtriton.encoders import AudioEncoder, VisionEncoder
 from mmtriton.onnx_runtime import OnnxEncoder
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from build_engines.spec import ModelSpec
+from mmtriton.spec import ModelSpec
 from clients.errors import InferenceFailedError, InvalidInputError, ServerUnavailableError
 from clients.llm import ChatClient, Sampling, stream_error
 from mmtriton.server import TritonServer

@@ -33,7 +33,7 @@ def bundle() -> Path:
     """The tiny bundle: reused if present, else built."""
     if not (BUNDLE / "bundle.json").is_file() or not (BUNDLE / "llm" / "config.json").is_file():
         from build_engines.bundle import build_bundle
-        from build_engines.spec import load_spec
+        from mmtriton.spec import load_spec
 
         build_bundle(load_spec(ROOT / "build_engines" / "specs" / "tiny.toml"), BUNDLE)
     return BUNDLE

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from build_engines import gpu
-from build_engines.spec import ModelSpec, load_spec
+from mmtriton.spec import ModelSpec, load_spec
 from build_engines.stack import StackError, load_stack
 from mmtriton import tp_launcher
 

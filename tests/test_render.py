@@ -10,7 +10,7 @@ from google.protobuf import text_format
 
 from build_engines.ensembles import ENSEMBLES, Ensemble, Step, check_wiring
 from build_engines.render import TEMPLATE_ROOT, RenderError, load_repository_configs, render_repository
-from build_engines.spec import ModelSpec
+from mmtriton.spec import ModelSpec
 
 
 @pytest.fixture()
@@ -164,7 +164,7 @@ def mc_step(model: str, inputs: dict[str, str], outputs: dict[str, str]):
 def test_gpu_repository_renders_in_full(bundle_dir: Path, tmp_path: Path) -> None:
     """The production profile from the same templates: schema and wiring pass, every field explicit."""
     from build_engines import gpu
-    from build_engines.spec import spec_from_dict
+    from mmtriton.spec import spec_from_dict
 
     engines = tmp_path / "engines"
     repo = render_repository(bundle_dir, tmp_path / "repo-gpu", "gpu", engines_dir=engines)

@@ -21,7 +21,7 @@ import pytest
 import soundfile
 from scipy.signal import resample_poly
 
-from build_engines.spec import ModelSpec
+from mmtriton.spec import ModelSpec
 from mmtriton.dali_runner import DaliRunner, SampleError, load_pipeline_module
 from mmtriton.preprocess import AudioPreprocessor
 from mmtriton.validation import MAX_AUDIO_SAMPLE_RATE, InputError

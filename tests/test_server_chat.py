@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from build_engines.spec import ModelSpec
+from mmtriton.spec import ModelSpec
 from clients.embed import embed
 from clients.errors import InvalidInputError
 from clients.llm import Answer, ChatClient, Sampling

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build_engines.spec import ModelSpec
+from mmtriton.spec import ModelSpec
 from clients.embed import embed
 from clients.errors import InvalidInputError
 from mmtriton.encoding import encode_audio as run_audio_encoder

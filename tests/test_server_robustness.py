@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build_engines.spec import ModelSpec
+from mmtriton.spec import ModelSpec
 from clients.errors import ClientError, InvalidInputError
 from clients.llm import ChatClient, Sampling, grpc_inputs, request_values
 from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build_engines.spec import ModelSpec
+from mmtriton.spec import ModelSpec
 from mmtriton.detokenize import REPLACEMENT, DetokenizerStates, IncrementalDetokenizer
 from mmtriton.prompting import (
     PromptBuilder,

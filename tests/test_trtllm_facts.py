@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from build_engines import gpu
 from build_engines import trtllm_facts as facts
 from build_engines.render import TEMPLATE_ROOT, RenderError, load_repository_configs, render_repository
-from build_engines.spec import load_spec, spec_from_dict
+from mmtriton.spec import load_spec, spec_from_dict
 
 SPECS = Path(__file__).resolve().parent.parent / "build_engines" / "specs"
 

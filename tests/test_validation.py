@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from build_engines.spec import ModelSpec
+from mmtriton.spec import ModelSpec
 from mmtriton.preprocess import AudioPreprocessor, ImagePreprocessor
 from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 from mmtriton.validation import InputError

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from build_engines.render import PROFILES, preprocess_settings  # noqa: E402
-from build_engines.spec import load_spec  # noqa: E402
+from mmtriton.spec import load_spec  # noqa: E402
 from mmtriton.dali_runner import load_pipeline_module  # noqa: E402
 
 
