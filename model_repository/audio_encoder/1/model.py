@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mmtriton.backend_glue import model_parameters
 from mmtriton.encoding import encode_audio, load_encoder
 from mmtriton.stub_watchdog import exit_with_parent
 
@@ -18,7 +18,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         exit_with_parent()
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        params = model_parameters(args)
         self.encoder = load_encoder(version_dir, args["model_name"], params)
 
     def execute(self, requests: list) -> list:

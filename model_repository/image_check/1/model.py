@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mmtriton.backend_glue import error_response, model_parameters
 from mmtriton.stub_watchdog import exit_with_parent
 from mmtriton.validation import InputError, check_image
 
@@ -16,7 +16,7 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         exit_with_parent()
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        params = model_parameters(args)
         self.limits = {"max_bytes": int(params["max_bytes"]), "max_pixels": int(params["max_pixels"])}
 
     def execute(self, requests: list) -> list:
@@ -26,8 +26,7 @@ class TritonPythonModel:
             try:
                 check_image(payload, name="image", **self.limits)
             except InputError as err:
-                error = pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(error=error))
+                responses.append(error_response(str(err)))
                 continue
             # A copy, not a view of the input: see audio_gate/1/model.py (a view kept the request alive).
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("checked", np.array(payload, copy=True))]))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
+from mmtriton.backend_glue import error_response
 from mmtriton.preprocess import ImagePreprocessor
 from mmtriton.stub_watchdog import exit_with_parent
 from mmtriton.validation import InputError
@@ -24,8 +25,7 @@ class TritonPythonModel:
         responses = []
         for result in self.preprocess(payloads):
             if isinstance(result, InputError):
-                error = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(error=error))
+                responses.append(error_response(str(result)))
             else:
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("pixel_values", result[0][None])]))
         return responses

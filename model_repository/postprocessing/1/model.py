@@ -7,11 +7,11 @@ that request id is stopped through ``tensorrt_llm``'s ``stop`` input.
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mmtriton.backend_glue import model_parameters
 from mmtriton.cancellation import StopForwarder
 from mmtriton.detokenize import DetokenizerStates
 from mmtriton.stub_watchdog import exit_with_parent
@@ -40,7 +40,7 @@ class TritonPythonModel:
         exit_with_parent()
         from transformers import AutoTokenizer
 
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        params = model_parameters(args)
         self.tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"])
         self.streams = DetokenizerStates(self.tokenizer)
         self.stops = StopForwarder(_stop_generation)

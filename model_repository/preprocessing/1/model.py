@@ -7,19 +7,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mmtriton.backend_glue import error_response, model_parameters, optional_input, scalar_input
 from mmtriton.prompting import PromptBuilder, SamplingLimits, check_sampling
 from mmtriton.stub_watchdog import exit_with_parent
 from mmtriton.validation import InputError
-
-
-def _optional(request, name: str):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
-def _scalar(request, name: str):
-    value = _optional(request, name)
-    return None if value is None else value.reshape(-1)[0].item()
 
 
 class TritonPythonModel:
@@ -27,9 +18,8 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         exit_with_parent()
-        import json
-
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        
+        params = model_parameters(args)
         self.builder = PromptBuilder(
             Path(params["tokenizer_dir"]),
             vocab_size=int(params["vocab_size"]),
@@ -43,27 +33,27 @@ class TritonPythonModel:
         self.pad_id = int(params["pad_id"])
 
     def _one(self, request) -> pb_utils.InferenceResponse:
-        text = _optional(request, "QUERY").reshape(-1)[0]
+        text = optional_input(request, "QUERY").reshape(-1)[0]
         text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-        max_tokens = int(_scalar(request, "REQUEST_OUTPUT_LEN"))
+        max_tokens = int(scalar_input(request, "REQUEST_OUTPUT_LEN"))
         check_sampling(
             max_tokens=max_tokens,
-            temperature=_scalar(request, "TEMPERATURE"),
-            top_k=_scalar(request, "TOP_K"),
-            top_p=_scalar(request, "TOP_P"),
+            temperature=scalar_input(request, "TEMPERATURE"),
+            top_k=scalar_input(request, "TOP_K"),
+            top_p=scalar_input(request, "TOP_P"),
             limits=self.limits,
         )
         prompt = self.builder.build(
-            text, _optional(request, "IMAGE_EMBEDDINGS"), _optional(request, "AUDIO_EMBEDDINGS")
+            text, optional_input(request, "IMAGE_EMBEDDINGS"), optional_input(request, "AUDIO_EMBEDDINGS")
         )
-        stop = _optional(request, "STOP_WORDS_DICT")
+        stop = optional_input(request, "STOP_WORDS_DICT")
         words = [] if stop is None else [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in stop.reshape(-1)]
         outputs = {
             "INPUT_ID": prompt.input_ids[None],
             "REQUEST_INPUT_LEN": np.array([[prompt.input_ids.size]], dtype=np.int32),
             "OUT_REQUEST_OUTPUT_LEN": np.array([[max_tokens]], dtype=np.int32),
             # ignore_eos (benchmarks): an end id no token has, so every answer runs to max_tokens.
-            "OUT_END_ID": np.array([[-1 if _scalar(request, "IGNORE_EOS") else self.end_id]], dtype=np.int32),
+            "OUT_END_ID": np.array([[-1 if scalar_input(request, "IGNORE_EOS") else self.end_id]], dtype=np.int32),
             "OUT_PAD_ID": np.array([[self.pad_id]], dtype=np.int32),
             "STOP_WORDS_IDS": self.builder.encode_stop_words(words)[None],
             "RETURN_NUM_TOKENS": np.array([[True]], dtype=bool),
@@ -80,6 +70,5 @@ class TritonPythonModel:
             try:
                 responses.append(self._one(request))
             except InputError as err:
-                error = pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(error=error))
+                responses.append(error_response(str(err)))
         return responses

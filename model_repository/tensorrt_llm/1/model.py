@@ -15,19 +15,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mmtriton.backend_glue import error_response, model_parameters, optional_input, scalar_input
 from mmtriton.engine import Engine, EngineError, GenerationRequest
 from mmtriton.prompting import parse_stop_words
 from mmtriton.stub_watchdog import exit_with_parent
-
-
-def _scalar(request, name: str, default=None):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return default if tensor is None else tensor.as_numpy().reshape(-1)[0].item()
-
-
-def _array(request, name: str):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
 
 
 class TritonPythonModel:
@@ -36,7 +27,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         exit_with_parent()
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        params = model_parameters(args)
         self.max_batch_size = int(config["max_batch_size"])
         self.engine = Engine(
             Path(params["gpt_model_path"]),
@@ -100,24 +91,24 @@ class TritonPythonModel:
             self.metric_queued.set(self.engine.num_pending)
 
     def _request(self, request) -> GenerationRequest:
-        ids = _array(request, "input_ids")
-        length = int(_scalar(request, "input_lengths"))
-        table = _array(request, "prompt_embedding_table")
-        stop = _array(request, "stop_words_list")
+        ids = optional_input(request, "input_ids")
+        length = int(scalar_input(request, "input_lengths"))
+        table = optional_input(request, "prompt_embedding_table")
+        stop = optional_input(request, "stop_words_list")
         return GenerationRequest(
             input_ids=[] if ids is None else ids.reshape(-1)[:length].tolist(),
-            max_new_tokens=int(_scalar(request, "request_output_len")),
-            end_id=_scalar(request, "end_id"),
-            pad_id=_scalar(request, "pad_id"),
-            temperature=float(_scalar(request, "temperature", 1.0)),
-            top_k=int(_scalar(request, "runtime_top_k", 0)),
-            top_p=float(_scalar(request, "runtime_top_p", 0.0)),
-            seed=_scalar(request, "seed"),
+            max_new_tokens=int(scalar_input(request, "request_output_len")),
+            end_id=scalar_input(request, "end_id"),
+            pad_id=scalar_input(request, "pad_id"),
+            temperature=float(scalar_input(request, "temperature", 1.0)),
+            top_k=int(scalar_input(request, "runtime_top_k", 0)),
+            top_p=float(scalar_input(request, "runtime_top_p", 0.0)),
+            seed=scalar_input(request, "seed"),
             stop_words=[] if stop is None else parse_stop_words(stop.reshape(2, -1)),
             # A copy: a view would keep the stub's shared-memory input, and with it the whole
             # Triton request (and its ensemble), alive for as long as the engine holds it.
             prompt_table=None if table is None else np.array(table.reshape(-1, table.shape[-1]), copy=True),
-            prompt_vocab_size=int(_scalar(request, "prompt_vocab_size", 0)),
+            prompt_vocab_size=int(scalar_input(request, "prompt_vocab_size", 0)),
         )
 
     @staticmethod
@@ -155,8 +146,7 @@ class TritonPythonModel:
             else:
                 sender.send(self._response(generated, num_input, len(generated)), flags=final)
         except EngineError as err:
-            error = pb_utils.TritonError(f"generation failed: {err}", pb_utils.TritonError.INTERNAL)
-            sender.send(pb_utils.InferenceResponse(error=error), flags=final)
+            sender.send(error_response(f"generation failed: {err}", "INTERNAL"), flags=final)
         finally:
             with self.lock:
                 if triton_id and self.by_triton_id.get(triton_id) == engine_id:
@@ -172,7 +162,7 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            if _scalar(request, "stop", False):
+            if scalar_input(request, "stop", False):
                 self._stop(request)
                 continue
             try:
@@ -180,13 +170,12 @@ class TritonPythonModel:
                 engine_id = self.engine.submit(generation)
             except ValueError as err:
                 sender = request.get_response_sender()
-                error = pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)
-                sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                sender.send(error_response(str(err)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             if request.request_id():
                 with self.lock:
                     self.by_triton_id[request.request_id()] = engine_id
-            streaming = bool(_scalar(request, "streaming", False))
+            streaming = bool(scalar_input(request, "streaming", False))
             self.workers.submit(self._serve, request, engine_id, streaming, len(generation.input_ids))
         return None
 

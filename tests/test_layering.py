@@ -1,0 +1,132 @@
+"""The import graph: the runtime never imports build code, clients stand alone, no cycles.
+
+Every ``import`` and ``from ... import`` in the project's Python files counts, also
+those inside functions. ``python -m pytest tests/test_layering.py -v`` shows the rules;
+a failure names the offending file and import.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("mmtriton", "build_engines", "clients", "bench", "tools")
+
+# Who may import whom (besides the standard library and third-party packages).
+ALLOWED = {
+    "mmtriton": set(),  # the runtime: spec, contract, glue, engines, launchers
+    "model_repository": {"mmtriton"},  # python-backend models are thin adapters over the runtime
+    "clients": set(),  # tritonclient + numpy only: what an application installs
+    "build_engines": {"mmtriton"},  # bundle, render, build plan: on top of the runtime
+    "bench": {"mmtriton", "clients"},
+    "tools": {"mmtriton", "clients", "bench", "build_engines"},
+}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] == "model_repository":
+        return "model_repository." + ".".join(parts[1:])
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def project_files() -> list[Path]:
+    files = [p for pkg in PACKAGES if (ROOT / pkg).is_dir() for p in (ROOT / pkg).rglob("*.py")]
+    files += sorted((ROOT / "model_repository").glob("*/1/*.py"))
+    return sorted(p for p in files if "__pycache__" not in p.parts)
+
+
+def imports_of(path: Path) -> list[tuple[str, int]]:
+    """Project modules a file imports, with line numbers (module-level and local imports)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # ``from pkg import mod`` may name a submodule: count both.
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found += [(name, node.lineno) for name in names if name.split(".")[0] in PACKAGES]
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in project_files()}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for target, _ in imports_of(path):
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                graph[name].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_layer_imports_only_what_it_may(layer: str) -> None:
+    bad = []
+    for path in project_files():
+        if _module_name(path).split(".")[0] != layer:
+            continue
+        for name, line in imports_of(path):
+            top = name.split(".")[0]
+            message = f"{path.relative_to(ROOT)}:{line} imports {top}"
+            if top != layer and top not in ALLOWED[layer] and message not in bad:
+                bad.append(message)
+    assert not bad, f"{layer} may import only {sorted(ALLOWED[layer]) or 'no project package'}:\n" + "\n".join(bad)
+
+
+def test_no_import_cycles() -> None:
+    cycles = _cycles(_graph())
+    assert cycles == [], f"modules that import each other (directly or through others): {cycles}"
+
+
+def test_the_walker_sees_local_imports_and_cycles() -> None:
+    """The checks themselves can fail: a local import and a two-module cycle are found."""
+    tree = "def f():\n    from build_engines.render import parse_config\n"
+    node = ast.parse(tree)
+    names = [n.module for n in ast.walk(node) if isinstance(n, ast.ImportFrom)]
+    assert names == ["build_engines.render"]
+    assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
