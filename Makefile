@@ -67,10 +67,10 @@ demo: build-engines samples ## set up, build, start the server, stream one image
 
 bench: build-engines ## before/after benchmark on CPU: engine batch 1 vs in-flight batching; report under results/
 	$(PY) -m build_engines render --bundle $(BUNDLE) --profile $(PROFILE) --out $(REPO)-bs1 --set serving.max_batch_size=1
-	$(PY) -m clients.bench --start-cpu-server --compare $(REPO)-bs1 $(REPO) $(BENCH_ARGS)
+	$(PY) -m bench --start-cpu-server --compare $(REPO)-bs1 $(REPO) $(BENCH_ARGS)
 
 bench-url: ## benchmark a running server (make serve, or a GPU host: add --copy-bandwidth-gbs to BENCH_ARGS)
-	$(PY) -m clients.bench --url localhost:$(GRPC_PORT) --metrics-url http://localhost:$(METRICS_PORT)/metrics $(BENCH_ARGS)
+	$(PY) -m bench --url localhost:$(GRPC_PORT) --metrics-url http://localhost:$(METRICS_PORT)/metrics $(BENCH_ARGS)
 
 test: build-engines ## run the test suite (starts its own tritonserver on free ports)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients import bench
-from clients.bench_stats import (
+import bench
+from bench.stats import (
     RequestTiming,
     duration,
     error_count,
@@ -219,7 +219,7 @@ def _config(label: str, error: str | None) -> bench.ConfigResult:
 
 
 def test_report_flags_failed_requests_and_compares(tmp_path: Path) -> None:
-    from clients import bench_report
+    from bench import report as bench_report
 
     settings = bench.BenchSettings(concurrency=[1, 4], requests=2)
     configs = [_config("before", "RuntimeError: boom"), _config("after", None)]
@@ -252,7 +252,7 @@ def _proc_cpu_model() -> str:
 
 
 def test_hardware_block_names_this_machine() -> None:
-    from clients import bench_report
+    from bench import report as bench_report
 
     hw = bench_report.hardware_info()
     assert hw["cpu_model"] == _proc_cpu_model()
@@ -269,7 +269,7 @@ def test_hardware_block_names_this_machine() -> None:
 
 def test_hardware_block_from_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stand-in nvidia-smi with known answers: two GPUs, their driver, the CUDA version of its banner."""
-    from clients import bench_report
+    from bench import report as bench_report
 
     fake = tmp_path / "nvidia-smi"
     fake.write_text(

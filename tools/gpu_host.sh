@@ -73,7 +73,7 @@ step_preprocess() {
   "$PY" - "$WORK" "$RESULTS" <<'EOF' 2>&1 | tee "$RESULTS/preprocess.log"
 import sys
 from pathlib import Path
-from clients.bench_preprocess import main
+from bench.preprocess import main
 from mmtriton.server import TritonServer
 
 work, results = Path(sys.argv[1]), Path(sys.argv[2])
@@ -99,7 +99,7 @@ big_bundle() {
 
 step_decode() {
   big_bundle 2>&1 | tee "$RESULTS/bundle-9b.log"
-  "$PY" -m clients.bench_decode --llm "$WORK/bundles/glm4-9b-shape/llm" --out "$RESULTS/decode" 2>&1 \
+  "$PY" -m bench.decode --llm "$WORK/bundles/glm4-9b-shape/llm" --out "$RESULTS/decode" 2>&1 \
     | tee "$RESULTS/decode.log"
 }
 
@@ -118,12 +118,12 @@ step_serve() {
     --warmup 1 --timeout 900 "${bw[@]}")
   if [ "${SERVE:-both}" != after ]; then
     local bc=${BEFORE_CONCURRENCY:-16}
-    "$PY" -m clients.bench --start-cpu-server --repo "$WORK/repo-9b-before" --concurrency "$bc" \
+    "$PY" -m bench --start-cpu-server --repo "$WORK/repo-9b-before" --concurrency "$bc" \
       --requests "${BEFORE_REQUESTS:-8}" --results-dir "$RESULTS/serve-before-c$bc" "${common[@]}" 2>&1 \
       | tee "$RESULTS/serve-before-c$bc.log"
   fi
   if [ "${SERVE:-both}" != before ]; then
-    "$PY" -m clients.bench --start-cpu-server --repo "$WORK/repo-9b-after" --concurrency "$CONCURRENCY" \
+    "$PY" -m bench --start-cpu-server --repo "$WORK/repo-9b-after" --concurrency "$CONCURRENCY" \
       --requests "${REQUESTS:-64}" --results-dir "$RESULTS/serve-after" "${common[@]}" 2>&1 | tee "$RESULTS/serve-after.log"
   fi
 }

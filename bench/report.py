@@ -1,6 +1,6 @@
 """Benchmark report: ``report.json`` (every raw figure), ``report.md`` (tables) and PNG plots.
 
-Written by ``python -m clients.bench`` under ``results/<YYYYmmdd-HHMMSS>-<settings>/``:
+Written by ``python -m bench`` under ``results/<YYYYmmdd-HHMMSS>-<settings>/``:
 
 * ``report.json``: settings, versions (Python, tritonclient, nvidia-pytriton, transformers,
   torch, ...), git commit, the hardware the benchmark ran on (GPU model, count, driver and
@@ -32,8 +32,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from clients.bench import ROOT, BenchSettings, ConfigResult, LevelResult, RequestRecord, _fmt
-from clients.bench_stats import percent_change
+from bench import ROOT
+from bench.load import RequestRecord
+from bench.run import ConfigResult, LevelResult
+from bench.stats import fmt, percent_change
+from bench.workload import BenchSettings
 
 __all__ = [
     "comparison",
@@ -227,7 +230,7 @@ def comparison_table(block: dict[str, Any], before: str = "before", after: str =
         spec = specs[row["metric"]]
         change = row["change_pct"]
         lines.append(
-            f"| {row['metric']} | {_fmt(row['before'], spec)} | {_fmt(row['after'], spec)} | "
+            f"| {row['metric']} | {fmt(row['before'], spec)} | {fmt(row['after'], spec)} | "
             f"{'n/a' if change is None else f'{change:+.1f}%'} |"
         )
     return "\n".join(lines)
@@ -308,7 +311,7 @@ def _row(*cells: object) -> str:
 
 
 def _triple(values: Sequence[float], spec: str, scale: float = 1.0) -> str:
-    return " / ".join(_fmt(v * scale, spec) for v in values)
+    return " / ".join(fmt(v * scale, spec) for v in values)
 
 
 def _config_section(config: ConfigResult) -> list[str]:
@@ -342,8 +345,8 @@ def _config_section(config: ConfigResult) -> list[str]:
                 level.concurrency,
                 st.requests,
                 f"**{st.errors}**" if st.errors else 0,
-                _fmt(st.requests_per_s),
-                _fmt(st.output_tokens_per_s, ".1f"),
+                fmt(st.requests_per_s),
+                fmt(st.output_tokens_per_s, ".1f"),
                 _triple((st.latency_avg_s, st.latency_p50_s, st.latency_p90_s, st.latency_p99_s), ".3f"),
                 _triple((st.ttft_avg_s, st.ttft_p50_s, st.ttft_p99_s), ".0f", 1e3),
                 _triple((st.itl_avg_s, st.itl_p99_s), ".1f", 1e3),
@@ -369,13 +372,13 @@ def _config_section(config: ConfigResult) -> list[str]:
         out.append(
             _row(
                 level.concurrency,
-                f"{_fmt(u.get('mean_pct'), '.1f')} / {_fmt(u.get('max_pct'), '.1f')}",
+                f"{fmt(u.get('mean_pct'), '.1f')} / {fmt(u.get('max_pct'), '.1f')}",
                 u.get("source"),
-                _fmt(u.get("server_cpu_mean_pct"), ".1f"),
-                _fmt(u.get("client_cpu_mean_pct"), ".1f"),
-                _fmt(e.get("steps_per_s"), ".1f"),
-                f"{_fmt(e.get('mean_batch'), '.2f')} / {_fmt(e.get('max_batch_since_start'), '.0f')}",
-                _fmt(level.mbu_pct, ".3f"),
+                fmt(u.get("server_cpu_mean_pct"), ".1f"),
+                fmt(u.get("client_cpu_mean_pct"), ".1f"),
+                fmt(e.get("steps_per_s"), ".1f"),
+                f"{fmt(e.get('mean_batch'), '.2f')} / {fmt(e.get('max_batch_since_start'), '.0f')}",
+                fmt(level.mbu_pct, ".3f"),
             )
         )
     out += [
@@ -394,9 +397,9 @@ def _config_section(config: ConfigResult) -> list[str]:
                     level.concurrency,
                     name,
                     f"{m['success']}{failed}",
-                    _fmt(m["queue_ms"], ".2f"),
-                    _fmt(m["compute_infer_ms"], ".2f"),
-                    _fmt(m["request_ms"], ".2f"),
+                    fmt(m["queue_ms"], ".2f"),
+                    fmt(m["compute_infer_ms"], ".2f"),
+                    fmt(m["request_ms"], ".2f"),
                     ", ".join(f"{k}×{v}" for k, v in m["batch_sizes"].items()),
                 )
             )

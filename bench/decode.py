@@ -7,7 +7,7 @@ utilization ``weight bytes x steps/s / bandwidth`` of plain eager decoding.
 
 Example::
 
-    python -m clients.bench_decode --llm build/bundles/glm4-9b-shape/llm --out results/decode
+    python -m bench.decode --llm build/bundles/glm4-9b-shape/llm --out results/decode
 """
 
 from __future__ import annotations

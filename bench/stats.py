@@ -210,3 +210,18 @@ def percent_change(before: float | None, after: float | None) -> float:
     if before is None or after is None or before == 0 or math.isnan(before) or math.isnan(after):
         return math.nan
     return (after - before) / before * 100.0
+
+
+def fmt(value: float | None, spec: str = ".3f") -> str:
+    """Format a figure for a table or a progress line.
+
+    Args:
+        value: The figure (None or NaN: not available).
+        spec: Format spec, as for :func:`format`.
+
+    Returns:
+        ``format(value, spec)``, or ``n/a``.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec)

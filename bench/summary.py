@@ -1,6 +1,6 @@
 """Before/after summary of two benchmark reports run separately (e.g. on a GPU host).
 
-``python -m clients.bench --compare`` runs both configurations with the same
+``python -m bench --compare`` runs both configurations with the same
 sweep. When "before" is too slow for the same sweep (one request at a time at
 9B scale), each side runs on its own; this writes the reference table from the
 ``report.json`` files: each "before" level against the "after" level of the
@@ -8,7 +8,7 @@ same concurrency, as ``summary.md``, ``summary.json`` and ``before_after.png``.
 
 Example::
 
-    python -m clients.bench_summary --before B16/report.json B32/report.json --after A/report.json --out DIR
+    python -m bench.summary --before B16/report.json B32/report.json --after A/report.json --out DIR
 """
 
 from __future__ import annotations
