@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from mmtriton import contract as c
+from mmtriton.contract import CHAT_INPUTS, CHAT_OUTPUTS
+
 
 @dataclass(frozen=True)
 class Step:
@@ -68,20 +71,7 @@ def image_then_audio_steps(checked: bool) -> tuple[Step, ...]:
 
 
 
-# Public inputs of every chat ensemble besides the media; the user-facing names of the
-# TensorRT-LLM "ensemble" model (text_input, max_tokens, top_k, ...).
-CHAT_INPUTS = (
-    "text_input",
-    "max_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "seed",
-    "stream",
-    "stop_words",
-    "ignore_eos",
-)
-CHAT_OUTPUTS = ("text_output", "output_ids", "num_input_tokens", "num_output_tokens")
+
 
 
 def llm_steps(image: bool, audio: bool) -> tuple[Step, ...]:
@@ -134,7 +124,7 @@ def llm_steps(image: bool, audio: bool) -> tuple[Step, ...]:
     return (
         Step("preprocessing", pre_in, pre_out),
         Step(
-            "tensorrt_llm",
+            c.LLM_MODEL,
             llm_in,
             {
                 "output_ids": "output_ids",
@@ -164,14 +154,14 @@ def all_ensembles(checked: bool = False) -> tuple[Ensemble, ...]:
     """
     image, audio, both = image_steps(checked), audio_steps(checked), image_then_audio_steps(checked)
     return (
-        Ensemble("embed_image", ("image",), image, ("image_embeddings",)),
-        Ensemble("embed_audio", ("audio",), audio, ("audio_embeddings",)),
-        Ensemble("embed_image_audio", ("image", "audio"), both, ("image_embeddings", "audio_embeddings")),
-        Ensemble("chat_text", CHAT_INPUTS, llm_steps(False, False), CHAT_OUTPUTS),
-        Ensemble("chat_image", ("image", *CHAT_INPUTS), image + llm_steps(True, False), CHAT_OUTPUTS),
-        Ensemble("chat_audio", ("audio", *CHAT_INPUTS), audio + llm_steps(False, True), CHAT_OUTPUTS),
+        Ensemble(c.EMBED_IMAGE, (c.IMAGE,), image, (c.IMAGE_EMBEDDINGS,)),
+        Ensemble(c.EMBED_AUDIO, (c.AUDIO,), audio, (c.AUDIO_EMBEDDINGS,)),
+        Ensemble(c.EMBED_IMAGE_AUDIO, (c.IMAGE, c.AUDIO), both, (c.IMAGE_EMBEDDINGS, c.AUDIO_EMBEDDINGS)),
+        Ensemble(c.CHAT_TEXT, CHAT_INPUTS, llm_steps(False, False), CHAT_OUTPUTS),
+        Ensemble(c.CHAT_IMAGE, (c.IMAGE, *CHAT_INPUTS), image + llm_steps(True, False), CHAT_OUTPUTS),
+        Ensemble(c.CHAT_AUDIO, (c.AUDIO, *CHAT_INPUTS), audio + llm_steps(False, True), CHAT_OUTPUTS),
         Ensemble(
-            "chat_image_audio", ("image", "audio", *CHAT_INPUTS), both + llm_steps(True, True), CHAT_OUTPUTS
+            c.CHAT_IMAGE_AUDIO, (c.IMAGE, c.AUDIO, *CHAT_INPUTS), both + llm_steps(True, True), CHAT_OUTPUTS
         ),
     )
 

@@ -18,18 +18,16 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from mmtriton.contract import embed_ensemble
 from clients.errors import ClientError, from_triton_exception
 
 
 def ensemble_for(has_image: bool, has_audio: bool) -> str:
     """Name of the embedding ensemble that takes exactly these inputs."""
-    if has_image and has_audio:
-        return "embed_image_audio"
-    if has_image:
-        return "embed_image"
-    if has_audio:
-        return "embed_audio"
-    raise ClientError("give an image, an audio clip, or both")
+    try:
+        return embed_ensemble(has_image, has_audio)
+    except ValueError:
+        raise ClientError("give an image, an audio clip, or both") from None
 
 
 def _bytes_input(name: str, data: bytes) -> grpcclient.InferInput:

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from mmtriton.contract import LLM_MODEL, chat_ensemble, stop_request_values
 from clients.errors import (
     ClientError,
     InferenceFailedError,
@@ -134,9 +135,7 @@ class Answer:
 
 def ensemble_for(has_image: bool, has_audio: bool) -> str:
     """Name of the chat ensemble that takes exactly these media inputs."""
-    return {(False, False): "chat_text", (True, False): "chat_image", (False, True): "chat_audio"}.get(
-        (has_image, has_audio), "chat_image_audio"
-    )
+    return chat_ensemble(has_image, has_audio)
 
 
 def request_values(prompt: str, image: bytes | None, audio: bytes | None, sampling: Sampling, stream: bool) -> dict[str, Any]:
@@ -256,18 +255,13 @@ class ChatClient:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
-        values = {
-            "input_ids": np.zeros((1, 1), dtype=np.int32),
-            "input_lengths": np.ones((1, 1), dtype=np.int32),
-            "request_output_len": np.ones((1, 1), dtype=np.int32),
-            "stop": np.ones((1, 1), dtype=bool),
-        }
+        values = stop_request_values()
         inputs = grpc_inputs(values)
         done: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         try:
             client.start_stream(callback=lambda result, error: done.put(error))
-            client.async_stream_infer("tensorrt_llm", inputs, request_id=request_id, enable_empty_final_response=True)
+            client.async_stream_infer(LLM_MODEL, inputs, request_id=request_id, enable_empty_final_response=True)
             error = done.get(timeout=self.timeout_s)
             if error is not None:
                 raise from_triton_exception(error)

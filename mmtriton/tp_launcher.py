@@ -38,13 +38,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmtriton.contract import LLM_MODEL
 from mmtriton.engine_folder import EngineConfigError, EngineMapping, read_engine_mapping
 from mmtriton.server import ServerError, TritonServer, serve_until_stopped
 
 LOGGER = logging.getLogger(__name__)
 
 #: The model every rank loads; the other models live on rank 0 only.
-LLM_MODEL = "tensorrt_llm"
 #: Default of launch_triton_server.py --tritonserver.
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"
 #: tensorrtllm_backend docs/multimodal.md launches multimodal ensembles with

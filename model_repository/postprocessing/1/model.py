@@ -13,20 +13,16 @@ import triton_python_backend_utils as pb_utils
 
 from mmtriton.backend_glue import model_parameters
 from mmtriton.cancellation import StopForwarder
+from mmtriton.contract import LLM_MODEL, stop_request_values
 from mmtriton.detokenize import DetokenizerStates
 from mmtriton.stub_watchdog import exit_with_parent
 
 
 def _stop_generation(request_id: str) -> None:
     """Send ``tensorrt_llm`` a ``stop=true`` request for ``request_id`` and wait for its final flag."""
-    inputs = [
-        pb_utils.Tensor("input_ids", np.zeros((1, 1), dtype=np.int32)),
-        pb_utils.Tensor("input_lengths", np.ones((1, 1), dtype=np.int32)),
-        pb_utils.Tensor("request_output_len", np.ones((1, 1), dtype=np.int32)),
-        pb_utils.Tensor("stop", np.ones((1, 1), dtype=bool)),
-    ]
+    inputs = [pb_utils.Tensor(name, value) for name, value in stop_request_values().items()]
     request = pb_utils.InferenceRequest(
-        model_name="tensorrt_llm", inputs=inputs, requested_output_names=["output_ids"], request_id=request_id
+        model_name=LLM_MODEL, inputs=inputs, requested_output_names=["output_ids"], request_id=request_id
     )
     for response in request.exec(decoupled=True):
         if response.has_error():

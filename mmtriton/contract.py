@@ -1,0 +1,80 @@
+"""The serving contract, defined once: ensemble names and the tensors clients exchange.
+
+The renderer (``build_engines/ensembles.py``), the clients (``clients/``), the probe,
+the python models and the tests import these names, so a renamed ensemble or tensor
+fails at import or render time instead of at the first request. The standard library
+(and numpy, inside one helper): clients import this module and nothing else of the project.
+"""
+
+from __future__ import annotations
+
+# Ensembles, one per input combination (a Triton ensemble cannot skip a step).
+EMBED_IMAGE = "embed_image"
+EMBED_AUDIO = "embed_audio"
+EMBED_IMAGE_AUDIO = "embed_image_audio"
+CHAT_TEXT = "chat_text"
+CHAT_IMAGE = "chat_image"
+CHAT_AUDIO = "chat_audio"
+CHAT_IMAGE_AUDIO = "chat_image_audio"
+
+# Raw media inputs (encoded bytes, UINT8 [-1]) and the embeddings the embed ensembles return.
+IMAGE = "image"
+AUDIO = "audio"
+IMAGE_EMBEDDINGS = "image_embeddings"
+AUDIO_EMBEDDINGS = "audio_embeddings"
+
+# Public inputs of every chat ensemble besides the media: the user-facing names of
+# TensorRT-LLM's "ensemble" model.
+CHAT_INPUTS = (
+    "text_input",
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "stream",
+    "stop_words",
+    "ignore_eos",
+)
+CHAT_OUTPUTS = ("text_output", "output_ids", "num_input_tokens", "num_output_tokens")
+
+# The LLM step (TensorRT-LLM 1.2.1's Triton contract) and the inputs of its ``stop``
+# request, which cancels the running request with the same request id.
+LLM_MODEL = "tensorrt_llm"
+
+
+def stop_request_values() -> dict:
+    """The inputs of a ``stop=true`` request to :data:`LLM_MODEL` (numpy arrays, batch dim 1).
+
+    The model's required inputs are sent with placeholder values; ``stop`` makes the
+    backend end the running request whose request id the stop request carries.
+    """
+    import numpy as np
+
+    return {
+        "input_ids": np.zeros((1, 1), dtype=np.int32),
+        "input_lengths": np.ones((1, 1), dtype=np.int32),
+        "request_output_len": np.ones((1, 1), dtype=np.int32),
+        "stop": np.ones((1, 1), dtype=bool),
+    }
+
+
+def chat_ensemble(has_image: bool, has_audio: bool) -> str:
+    """Name of the chat ensemble that takes exactly these media inputs."""
+    return {
+        (False, False): CHAT_TEXT,
+        (True, False): CHAT_IMAGE,
+        (False, True): CHAT_AUDIO,
+        (True, True): CHAT_IMAGE_AUDIO,
+    }[(bool(has_image), bool(has_audio))]
+
+
+def embed_ensemble(has_image: bool, has_audio: bool) -> str:
+    """Name of the embed ensemble for these media inputs.
+
+    Raises:
+        ValueError: Neither an image nor an audio clip.
+    """
+    if not (has_image or has_audio):
+        raise ValueError("an embed request needs an image, an audio clip or both")
+    return {(True, False): EMBED_IMAGE, (False, True): EMBED_AUDIO}.get((bool(has_image), bool(has_audio)), EMBED_IMAGE_AUDIO)
