@@ -25,8 +25,6 @@ _WORDS = (
 ).split()
 
 
-
-
 @dataclass
 class BenchSettings:
     """What one benchmark run sends.
