@@ -76,10 +76,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmtriton.spec import ModelSpec, SpecError, load_spec
+from mmtriton.spec import ModelSpec, SpecError, load_spec, prompt_table_rows_per_request
 from build_engines.stack import STACK_FILE, Stack, StackError, load_stack
 from build_engines.trtllm_facts import head_size_problem
-from mmtriton.engine_folder import EngineConfigError, EngineMapping, read_engine_mapping
+from mmtriton.engine_folder import EngineConfigError, read_engine_mapping
 
 LOGGER = logging.getLogger(__name__)
 
@@ -254,11 +254,6 @@ class GpuBuildPlan:
             "encoders": {"vision_encoder": str(self.vision_plan)},
             "steps": [{"name": s.name, "argv": list(s.argv)} for s in self.steps],
         }
-
-
-def prompt_table_rows_per_request(spec: ModelSpec) -> int:
-    """Prompt-table rows one request may need: one image plus the longest audio clip."""
-    return spec.vision.tokens_per_image + spec.audio.tokens(spec.audio.max_frames)
 
 
 def llm_settings(

@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines.ensembles import Ensemble, all_ensembles, build_ensemble, check_wiring
 from build_engines.trtllm_facts import ENGINE_DTYPE_TO_TRITON, all_parameters, check_backend_parameters, parse_bool
-from mmtriton.spec import ModelSpec, spec_from_dict, with_overrides
+from mmtriton.spec import ModelSpec, prompt_table_rows_per_request, spec_from_dict, with_overrides
 from mmtriton.triton_config import ModelConfigError, parse_model_config
 
 LOGGER = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def template_values(spec: ModelSpec, bundle: dict[str, Any], profile: Profile) -
     llm_dir = (Path(bundle["dir"]) / "llm").resolve()
     token_ids = bundle["token_ids"]
     # Room for every running request's image and longest audio clip at once.
-    rows_per_request = spec.vision.tokens_per_image + spec.audio.tokens(spec.audio.max_frames)
+    rows_per_request = prompt_table_rows_per_request(spec)
     values: dict[str, Any] = {
         "max_batch_size": serving.max_batch_size,
         "max_queue_delay_us": serving.max_queue_delay_us,

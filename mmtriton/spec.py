@@ -232,3 +232,12 @@ def with_overrides(spec: ModelSpec, overrides: dict[str, str]) -> ModelSpec:
             value = raw
         data[section][key] = value
     return dataclasses.replace(_build(ModelSpec, data, "overrides"), source=spec.source)
+
+
+def prompt_table_rows_per_request(spec: ModelSpec) -> int:
+    """Prompt-table rows one request can need: one image plus the longest audio clip.
+
+    The engine's table (TensorRT-LLM's ``max_prompt_embedding_table_size``, the CPU
+    engine's ``prompt_table_capacity``) holds this many rows per running request.
+    """
+    return spec.vision.tokens_per_image + spec.audio.tokens(spec.audio.max_frames)

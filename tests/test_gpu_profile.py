@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from build_engines import gpu
+from mmtriton import engine_folder
 from mmtriton.spec import ModelSpec, load_spec
 from build_engines.stack import StackError, load_stack
 from mmtriton import tp_launcher
@@ -427,21 +428,21 @@ def test_gpu_targets_default_to_a_spec_that_builds() -> None:
 
 def test_world_size_is_read_from_the_engine_config(tmp_path: Path) -> None:
     assert gpu.engine_world_size(write_fake_engine(tmp_path / "tp2", tp=2)) == 2
-    mapping = gpu.read_engine_mapping(write_fake_engine(tmp_path / "tp2pp2", tp=2, pp=2))
+    mapping = engine_folder.read_engine_mapping(write_fake_engine(tmp_path / "tp2pp2", tp=2, pp=2))
     assert (mapping.world_size, mapping.tp_size, mapping.pp_size) == (4, 2, 2)
 
 
 def test_engine_config_problems_are_named(tmp_path: Path) -> None:
-    with pytest.raises(gpu.EngineConfigError, match="config.json not found"):
+    with pytest.raises(engine_folder.EngineConfigError, match="config.json not found"):
         gpu.engine_world_size(tmp_path / "nothing")
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(gpu.EngineConfigError, match="no pretrained_config.mapping"):
+    with pytest.raises(engine_folder.EngineConfigError, match="no pretrained_config.mapping"):
         gpu.engine_world_size(hf)
-    with pytest.raises(gpu.EngineConfigError, match=r"world_size 4 != tp_size 2 x pp_size 1 x cp_size 1"):
+    with pytest.raises(engine_folder.EngineConfigError, match=r"world_size 4 != tp_size 2 x pp_size 1 x cp_size 1"):
         gpu.engine_world_size(write_fake_engine(tmp_path / "odd", tp=2, world=4))
-    with pytest.raises(gpu.EngineConfigError, match=r"world size 2 but \['rank1.engine'\] missing"):
+    with pytest.raises(engine_folder.EngineConfigError, match=r"world size 2 but \['rank1.engine'\] missing"):
         gpu.engine_world_size(write_fake_engine(tmp_path / "half", tp=2, ranks=1))
 
 
@@ -579,7 +580,7 @@ def test_tp_size_world_size_and_gpu_count_agree(fake_bundle: Path, tmp_path: Pat
 
     # The engine this plan builds, as trtllm-build would write it.
     engine = write_fake_engine(tmp_path / "engine", tp=plan.llm.tp_size, pp=plan.llm.pp_size)
-    mapping = gpu.read_engine_mapping(engine)
+    mapping = engine_folder.read_engine_mapping(engine)
     assert plan.llm.tp_size * plan.llm.pp_size == mapping.world_size == len(gpus) == counts["triton"] == 2
     assert counts["build-engines"] == plan.llm.world_size
     tp_launcher.check_world_size(mapping, gpus, engine)
