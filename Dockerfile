@@ -1,7 +1,7 @@
-# gpu profile image: Triton + TensorRT-LLM 1.2.1 (C++ tensorrtllm backend, python backend),
+# gpu-trtllm profile image: Triton + TensorRT-LLM 1.2.1 (C++ tensorrtllm backend, python backend),
 # plus the DALI and TensorRT backends of the same Triton release, plus this project's python
 # packages.
-# The versions are pinned in build_engines/stack.toml; tests/test_gpu_profile.py checks that
+# The versions are pinned in build_engines/stack.toml; tests/test_gpu_trtllm_profile.py checks that
 # the two ARG defaults below equal it.
 #
 #   docker compose build triton            (or: docker build -t mmtriton-gpu .)
@@ -18,7 +18,7 @@ FROM ${DALI_SOURCE_IMAGE} AS dali_source
 FROM ${TRITON_IMAGE}
 
 COPY --from=dali_source /opt/tritonserver/backends/dali /opt/tritonserver/backends/dali
-# vision_encoder (gpu profile) is a TensorRT plan served by the TensorRT backend. The backend
+# vision_encoder (gpu-trtllm profile) is a TensorRT plan served by the TensorRT backend. The backend
 # library resolves libnvinfer.so.10 through LD_LIBRARY_PATH to this image's TensorRT 10.14
 # (/usr/local/tensorrt/lib), the same TensorRT trtexec builds the plan with; checked below.
 COPY --from=dali_source /opt/tritonserver/backends/tensorrt /opt/tritonserver/backends/tensorrt
@@ -35,7 +35,7 @@ RUN echo /opt/tritonserver/backends/dali/wheel/dali \
 # torch through TensorRT-LLM's own requirements. build_engines renders configs with
 # Triton's model_config_pb2 (tritonclient); the clients use its gRPC client.
 # Not installed on purpose: torch/transformers upgrades (TensorRT-LLM pins its own), and
-# onnxruntime (the gpu profile runs the vision encoder on TensorRT, the audio encoder on PyTorch).
+# onnxruntime (the gpu-trtllm profile runs the vision encoder on TensorRT, the audio encoder on PyTorch).
 # tritonclient matches the server of the release (26.07 = Triton 2.71.0, server TRITON_VERSION on
 # branch r26.07); "numpy<2" keeps pip from replacing TensorRT-LLM's numpy.
 RUN python3 -m pip install --no-cache-dir "tritonclient[grpc]==2.71.0" "soundfile==0.14.0" "numpy<2"
@@ -44,7 +44,7 @@ WORKDIR /workspace
 COPY mmtriton/ mmtriton/
 COPY build_engines/ build_engines/
 COPY clients/ clients/
-# Templates: build_engines renders the gpu-profile repository inside the image.
+# Templates: build_engines renders the gpu-trtllm repository inside the image.
 COPY model_repository/ model_repository/
 # No trailing ':' when PYTHONPATH is empty (an empty entry would put the cwd on sys.path).
 ENV PYTHONPATH=/workspace${PYTHONPATH:+:${PYTHONPATH}}
@@ -63,4 +63,4 @@ assert int(numpy.__version__.split('.')[0]) < 2 and '/backends/dali/' not in num
  && command -v mpirun && command -v trtllm-build \
  && { test -x /usr/local/tensorrt/bin/trtexec || command -v trtexec; }
 
-CMD ["python3", "-m", "mmtriton.tp_launcher", "--model-repository", "/workspace/build/repo-gpu-tiny-gpu", "--gpus", "0,1"]
+CMD ["python3", "-m", "mmtriton.tp_launcher", "--model-repository", "/workspace/build/repo-gpu-trtllm-tiny-gpu", "--gpus", "0,1"]

@@ -83,7 +83,7 @@ GPU_BUNDLE := $(BUILD)/bundles/$(GPU_SPEC_NAME)
 
 gpu-plan: setup ## print the TP=2 GPU build plan (convert, trtllm-build, trtexec) for SPEC (default tiny-gpu) without running it
 	$(PY) -m build_engines bundle --spec $(GPU_SPEC) --out $(GPU_BUNDLE)
-	$(PY) -m build_engines.gpu --spec $(GPU_SPEC) --bundle $(GPU_BUNDLE) --out $(BUILD)/engines/$(GPU_SPEC_NAME) --dry-run
+	$(PY) -m build_engines.trtllm_build --spec $(GPU_SPEC) --bundle $(GPU_BUNDLE) --out $(BUILD)/engines/$(GPU_SPEC_NAME) --dry-run
 
 gpu-image: ## GPU host: build the serving image (Triton 26.07 trtllm + DALI backend)
 	docker compose build

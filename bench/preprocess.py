@@ -11,7 +11,7 @@ For a 1280x960 JPEG and a 10 s 16 kHz WAV at each batch size:
 
 Example::
 
-    python -m bench.preprocess --cuda-repo build/repo-cuda --cpu-repo build/repo-cpu \\
+    python -m bench.preprocess --cuda-repo build/repo-gpu-hf --cpu-repo build/repo-cpu \\
         --url localhost:8001 --batch 64,128 --out results/preprocess
 """
 

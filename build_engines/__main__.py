@@ -33,7 +33,7 @@ def _gpu_engines(spec_path: Path, bundle: Path, engines: Path) -> None:
     Elsewhere (CI) the full build plan is printed and the step is reported as skipped;
     the gpu repository is still rendered and checked.
     """
-    from build_engines import gpu
+    from build_engines import trtllm_build as gpu
 
     plan = gpu.plan_gpu_build(load_spec(spec_path), bundle, engines)
     missing = gpu.preflight(plan)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p_render.add_argument("--bundle", type=Path, required=True)
     p_render.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     p_render.add_argument("--out", type=Path, required=True)
-    p_render.add_argument("--engines", type=Path, help="gpu profile: the folder python -m build_engines.gpu writes")
+    p_render.add_argument("--engines", type=Path, help="gpu-trtllm profile: the folder python -m build_engines.trtllm_build writes")
     p_render.add_argument(
         "--set",
         action="append",
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             name = load_spec(args.spec).name
             bundle = _bundle(args.spec, args.build_dir / "bundles" / name, args.force)
             engines = args.build_dir / "engines" / name
-            if args.profile == "gpu":
+            if args.profile == "gpu-trtllm":
                 _gpu_engines(args.spec, bundle, engines)
             render_repository(bundle, args.build_dir / f"repo-{args.profile}-{name}", args.profile, engines_dir=engines)
     except (SpecError, RenderError, FileNotFoundError) as err:

@@ -68,12 +68,12 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile("cpu", "python", "KIND_CPU", "python", "python", "KIND_CPU", "onnxruntime", "python", "cpu", None, False),
     # The same python-backend models on one GPU: DALI with device_id 0 ("mixed" decoding,
     # GPU MFCC), encoders in PyTorch, the continuous-batching engine on CUDA.
-    "cuda": Profile("cuda", "python", "KIND_GPU", "python", "python", "KIND_GPU", "torch", "python", "cuda", 0, False),
+    "gpu-hf": Profile("gpu-hf", "python", "KIND_GPU", "python", "python", "KIND_GPU", "torch", "python", "cuda", 0, False),
     # Production: the DALI backend serializing 1/dali.py, the vision encoder as a TensorRT
     # plan, the TensorRT-LLM C++ backend (TP=2, in-flight batching). The audio encoder stays
     # on the python backend (PyTorch on the GPU): its padded, masked batch of clips of
     # different lengths does not fit the TensorRT backend's ragged-input convention.
-    "gpu": Profile("gpu", "dali", "KIND_GPU", "tensorrt", "python", "KIND_GPU", "torch", "tensorrtllm", "cuda", 0, True),
+    "gpu-trtllm": Profile("gpu-trtllm", "dali", "KIND_GPU", "tensorrt", "python", "KIND_GPU", "torch", "tensorrtllm", "cuda", 0, True),
 }
 CHECK_MODELS = ("image_check", "audio_check")
 
@@ -160,7 +160,7 @@ def template_values(spec: ModelSpec, bundle: dict[str, Any], profile: Profile) -
         "max_input_len": spec.llm.max_input_len,
         "max_output_len": spec.llm.max_output_len,
         "prompt_table_capacity": serving.max_batch_size * rows_per_request,
-        # Placeholders that render to nothing outside the gpu profile (see gpu_profile_values).
+        # Placeholders that render to nothing outside the gpu-trtllm profile (see gpu_profile_values).
         "trtllm_backend_parameters": "",
         "instance_gpus": "",
     }
@@ -184,7 +184,7 @@ def parameters_block(params: dict[str, str]) -> str:
 
 
 def tensorrtllm_backend_parameters(values: dict[str, str]) -> dict[str, str]:
-    """Keys only the ``tensorrtllm`` backend reads, added to ``tensorrt_llm`` in the gpu profile.
+    """Keys only the ``tensorrtllm`` backend reads, added to ``tensorrt_llm`` in the gpu-trtllm profile.
 
     ``tokenizer_dir``, ``xgrammar_tokenizer_info_path`` and ``guided_decoding_backend``
     are read unconditionally by ``getGuidedDecodingConfigFromParams`` (a missing key fails
@@ -205,7 +205,7 @@ def tensorrtllm_backend_parameters(values: dict[str, str]) -> dict[str, str]:
 
 
 def gpu_profile_values(values: dict[str, str], profile: Profile) -> dict[str, str]:
-    """Placeholder values only the gpu profile fills (they render to nothing elsewhere).
+    """Placeholder values only the gpu-trtllm profile fills (they render to nothing elsewhere).
 
     ``instance_gpus`` pins the KIND_GPU instances (DALI, encoders) to rank 0's GPU: the TP
     launcher shows every rank all GPUs, and unpinned KIND_GPU models get an instance on
@@ -218,7 +218,7 @@ def gpu_profile_values(values: dict[str, str], profile: Profile) -> dict[str, st
 
 
 def check_gpu_profile(models: dict[str, mc.ModelConfig], engine_dtype: str, gpu: int = 0) -> list[str]:
-    """What the TensorRT-LLM 1.2.x stack would refuse in a rendered gpu-profile repository.
+    """What the TensorRT-LLM 1.2.x stack would refuse in a rendered gpu-trtllm repository.
 
     Args:
         models: The rendered non-ensemble configs by model name.
@@ -350,7 +350,7 @@ def render_repository(
         ensembles: Ensemble descriptions to generate (default: the profile's).
         overrides: Serving-time spec changes for this repository only, as
             ``{"serving.max_batch_size": "1"}`` (the bundle is not rebuilt).
-        engines_dir: ``gpu`` profile: the output folder of ``python -m build_engines.gpu``;
+        engines_dir: ``gpu`` profile: the output folder of ``python -m build_engines.trtllm_build``;
             its planned engine and plan paths go into the configs (plans not built yet
             are reported, not fatal: the configs can be checked before any GPU build).
 
@@ -371,8 +371,8 @@ def render_repository(
     vision_plan = None
     if profile.llm_backend == "tensorrtllm":
         if engines_dir is None:
-            raise RenderError("the gpu profile needs --engines (the folder python -m build_engines.gpu writes)")
-        from build_engines.gpu import EngineConfigError, plan_gpu_build, read_engine_dtype
+            raise RenderError("the gpu-trtllm profile needs --engines (the folder python -m build_engines.trtllm_build writes)")
+        from build_engines.trtllm_build import EngineConfigError, plan_gpu_build, read_engine_dtype
 
         plan = plan_gpu_build(spec, bundle_dir, Path(engines_dir))
         values["engine_dir"] = str(plan.engine_dir.resolve())
@@ -422,7 +422,7 @@ def render_repository(
     if profile.llm_backend == "tensorrtllm":
         problems = check_gpu_profile(models, engine_dtype, profile.device_id or 0)
         if problems:
-            raise RenderError("the gpu profile repository would not load:\n  " + "\n  ".join(problems))
+            raise RenderError("the gpu-trtllm profile repository would not load:\n  " + "\n  ".join(problems))
 
     for ensemble in ensembles:
         try:

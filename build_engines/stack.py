@@ -1,7 +1,7 @@
-"""The pinned upstream stack of the gpu profile (``build_engines/stack.toml``).
+"""The pinned upstream stack of the gpu-trtllm profile (``build_engines/stack.toml``).
 
 One file names the Triton images, the TensorRT-LLM and TensorRT versions and
-where their tools live inside the image. ``build_engines.gpu`` takes its tool
+where their tools live inside the image. ``build_engines.trtllm_build`` takes its tool
 paths from here; the tests check that ``Dockerfile`` and ``docker-compose.yml``
 use exactly these images, so a version bump is one edit plus a green test run.
 """

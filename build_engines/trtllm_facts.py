@@ -1,6 +1,6 @@
 """What the TensorRT-LLM 1.2.x Triton stack enforces, kept as data with its upstream source.
 
-The gpu profile cannot run on a machine without GPUs, so the rendered repository and
+The gpu-trtllm profile cannot run on a machine without GPUs, so the rendered repository and
 the build plan are checked against these facts instead. Each constant names the file
 and function it was read from; ``docs/trtllm-production-facts.md`` lists them with the
 tests that rely on them and what stays unproven without a GPU host.

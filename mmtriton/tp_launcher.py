@@ -1,4 +1,4 @@
-"""Serve the gpu-profile repository with TensorRT-LLM engines over several GPUs (leader mode).
+"""Serve the gpu-trtllm repository with TensorRT-LLM engines over several GPUs (leader mode).
 
 One ``tritonserver`` process per GPU, started by one ``mpirun`` (MPMD: one app
 context per rank, separated by ``:``). Rank 0 serves every model and leads the
@@ -23,8 +23,8 @@ or ``CUDA_VISIBLE_DEVICES``) is an error before anything starts. The launcher
 waits for ``/v2/health/ready`` while watching ``mpirun``, shows the log and exits
 non-zero if a rank dies, and stops the job by its own pid.
 
-    python -m mmtriton.tp_launcher --model-repository build/repo-gpu-tiny-mm --gpus 0,1
-    python -m mmtriton.tp_launcher --model-repository build/repo-gpu-tiny-mm --gpus 0,1 --print-command
+    python -m mmtriton.tp_launcher --model-repository build/repo-gpu-trtllm-tiny-mm --gpus 0,1
+    python -m mmtriton.tp_launcher --model-repository build/repo-gpu-trtllm-tiny-mm --gpus 0,1 --print-command
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def leader_mode_command(
         world_size: Ranks (= GPUs) of the TensorRT-LLM engine.
         mpirun: The ``mpirun`` binary.
         tritonserver: The ``tritonserver`` binary.
-        model_repository: Rendered gpu-profile repository.
+        model_repository: Rendered gpu-trtllm repository.
         http_port, grpc_port, metrics_port: Ports rank 0 serves on (given to every
             rank like upstream; only rank 0 finishes starting and binds them).
         cuda_memory_pool_bytes: Rank 0's CUDA memory pool on GPU 0.
@@ -162,7 +162,7 @@ def engine_dir_of(model_repository: Path) -> Path:
 
     config_path = model_repository / LLM_MODEL / "config.pbtxt"
     if not config_path.is_file():
-        raise LaunchError(f"{config_path} not found: is {model_repository} a rendered gpu-profile repository?")
+        raise LaunchError(f"{config_path} not found: is {model_repository} a rendered gpu-trtllm repository?")
     try:
         config = parse_model_config(config_path.read_text(), str(config_path))
     except ModelConfigError as err:
@@ -190,7 +190,7 @@ def check_world_size(mapping: EngineMapping, gpus: list[str] | None, engine_dir:
         raise LaunchError(
             f"engine {engine_dir} was built for world size {mapping.world_size} ({shape}) but "
             f"{len(gpus)} GPU(s) were given ({','.join(gpus)}): give {mapping.world_size} GPUs or rebuild "
-            f"the engine with python -m build_engines.gpu --tp-size {len(gpus)}"
+            f"the engine with python -m build_engines.trtllm_build --tp-size {len(gpus)}"
         )
 
 
@@ -259,7 +259,7 @@ class LeaderModeServer(TritonServer):
 def main(argv: list[str] | None = None) -> int:
     """Run the launcher; returns the exit code (2: refused before starting, 1: the job failed)."""
     parser = argparse.ArgumentParser(prog="python -m mmtriton.tp_launcher", description=__doc__.splitlines()[0])
-    parser.add_argument("--model-repository", type=Path, required=True, help="rendered gpu-profile repository")
+    parser.add_argument("--model-repository", type=Path, required=True, help="rendered gpu-trtllm repository")
     parser.add_argument("--engine-dir", type=Path, default=None, help="default: gpt_model_path of tensorrt_llm")
     parser.add_argument("--gpus", default=None, help="GPU ids, e.g. 0,1 (default: CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--work-dir", type=Path, default=Path("build/server-gpu"), help="log folder")

@@ -96,7 +96,7 @@ def cpu_server_metric_names(server: "TritonServer") -> set[str]:
     """Metric names the real CPU server exports on ``/metrics`` (the Grafana dashboard is checked against them)."""
     import urllib.request
 
-    from tests.test_gpu_profile import prometheus_metric_names
+    from tests.test_gpu_trtllm_profile import prometheus_metric_names
 
     with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
         return prometheus_metric_names(resp.read().decode())

@@ -23,10 +23,10 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def cuda_repo(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def gpu_hf_repo(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from build_engines.render import render_repository
 
-    return render_repository(bundle_dir, tmp_path_factory.mktemp("repo") / "repo-cuda", "cuda")
+    return render_repository(bundle_dir, tmp_path_factory.mktemp("repo") / "repo-gpu-hf", "gpu-hf")
 
 
 def _u8(data: bytes) -> np.ndarray:
@@ -41,11 +41,11 @@ GPU_IMAGE_MAX_TOL = 0.5
 GPU_MFCC_ATOL = 5e-3
 
 
-def test_gpu_image_preprocessing_matches_cpu(cpu_repo: Path, cuda_repo: Path) -> None:
+def test_gpu_image_preprocessing_matches_cpu(cpu_repo: Path, gpu_hf_repo: Path) -> None:
     from mmtriton.preprocess import ImagePreprocessor
 
     cpu = ImagePreprocessor(cpu_repo / "image_preprocess" / "1" / "dali.py")
-    gpu = ImagePreprocessor(cuda_repo / "image_preprocess" / "1" / "dali.py")
+    gpu = ImagePreprocessor(gpu_hf_repo / "image_preprocess" / "1" / "dali.py")
     assert gpu.config["decoder_device"] == "mixed" and gpu.config["device_id"] == 0
     payloads = [
         encode_image(synthetic_image(1280, 960, seed=1), "JPEG"),
@@ -57,7 +57,7 @@ def test_gpu_image_preprocessing_matches_cpu(cpu_repo: Path, cuda_repo: Path) ->
         assert diff.mean() < GPU_IMAGE_MEAN_TOL and diff.max() < GPU_IMAGE_MAX_TOL, (diff.mean(), diff.max())
 
 
-def test_gpu_mfcc_matches_cpu(cpu_repo: Path, cuda_repo: Path, spec) -> None:
+def test_gpu_mfcc_matches_cpu(cpu_repo: Path, gpu_hf_repo: Path, spec) -> None:
     """Integer-ratio rates (16 and 48 kHz): GPU equals CPU within GPU_MFCC_ATOL.
 
     Fractional rates (44.1 kHz) pass through DALI's fractional interpolator, whose GPU and
@@ -71,7 +71,7 @@ def test_gpu_mfcc_matches_cpu(cpu_repo: Path, cuda_repo: Path, spec) -> None:
     from tests.test_resample import RESAMPLER_SPEC, mfcc_tolerance
 
     cpu = AudioPreprocessor(cpu_repo / "audio_preprocess" / "1" / "dali.py")
-    gpu = AudioPreprocessor(cuda_repo / "audio_preprocess" / "1" / "dali.py")
+    gpu = AudioPreprocessor(gpu_hf_repo / "audio_preprocess" / "1" / "dali.py")
     assert gpu.config["device"] == "gpu"
     integer = [
         encode_audio(synthetic_audio(16000, 10.0, seed=1), 16000, "WAV"),
@@ -89,11 +89,11 @@ def test_gpu_mfcc_matches_cpu(cpu_repo: Path, cuda_repo: Path, spec) -> None:
 
 
 @pytest.fixture(scope="module")
-def cuda_server(cuda_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator["TritonServer"]:
+def gpu_hf_server(gpu_hf_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator["TritonServer"]:
     from mmtriton.server import TritonServer
     from tests.conftest import ROOT
 
-    srv = TritonServer(model_repository=cuda_repo, work_dir=tmp_path_factory.mktemp("cuda-server"), pythonpath=[ROOT])
+    srv = TritonServer(model_repository=gpu_hf_repo, work_dir=tmp_path_factory.mktemp("cuda-server"), pythonpath=[ROOT])
     srv.start()
     try:
         yield srv
@@ -101,24 +101,24 @@ def cuda_server(cuda_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         srv.stop()
 
 
-def test_served_cuda_ensemble_matches_cpu_greedy(cuda_server: "TritonServer", server: "TritonServer") -> None:
+def test_served_cuda_ensemble_matches_cpu_greedy(gpu_hf_server: "TritonServer", server: "TritonServer") -> None:
     """The same requests through the cuda and the cpu repositories give the same greedy tokens."""
     from clients.llm import ChatClient, Sampling
 
     # PNG decodes on the CPU under "mixed" too, so both sides start from identical pixels.
     image = encode_image(synthetic_image(640, 480, seed=5), "PNG")
     audio = encode_audio(synthetic_audio(16000, 2.0, seed=6), 16000, "WAV")
-    gpu, cpu = ChatClient(cuda_server.grpc_url), ChatClient(server.grpc_url)
+    gpu, cpu = ChatClient(gpu_hf_server.grpc_url), ChatClient(server.grpc_url)
     results = {}
     for name, kwargs in {"text": {}, "image+audio": {"image": image, "audio": audio}}.items():
         sampling = Sampling(max_tokens=32, ignore_eos=True)
         a = cpu.generate("Describe everything.", sampling=sampling, **kwargs)
         b = gpu.generate("Describe everything.", sampling=sampling, **kwargs)
         same = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
-        results[name] = {"cpu": a.token_ids, "cuda": b.token_ids, "first_difference": same}
+        results[name] = {"cpu": a.token_ids, "gpu-hf": b.token_ids, "first_difference": same}
     print(json.dumps(results))
     # Text only: exact. The tiny bundle runs in float32 on both (PyTorch leaves TF32 matmuls off).
-    assert results["text"]["cuda"] == results["text"]["cpu"], results["text"]["first_difference"]
+    assert results["text"]["gpu-hf"] == results["text"]["cpu"], results["text"]["first_difference"]
     # With media the prompt-table rows differ slightly (GPU resize and MFCC within the tolerances
     # above), which may flip a near-tie late in a random model's answer: the first 16 tokens must agree.
     assert results["image+audio"]["first_difference"] >= 16, results["image+audio"]

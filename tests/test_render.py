@@ -141,17 +141,17 @@ def test_parallel_media_chains_are_refused(bundle_dir: Path, tmp_path: Path) -> 
     assert "steps 'image_preprocess' and 'audio_preprocess' can run at the same time" in str(err.value)
 
 
-@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+@pytest.mark.parametrize("profile", ["cpu", "gpu-trtllm"])
 def test_every_shipped_ensemble_is_one_chain(profile: str) -> None:
     """Every pair of steps in every ensemble is ordered by data (the two-media ones through audio_gate)."""
     from build_engines.ensembles import all_ensembles, concurrent_steps
 
-    for ens in all_ensembles(checked=profile == "gpu"):
+    for ens in all_ensembles(checked=profile == "gpu-trtllm"):
         steps = [
             mc_step(step.model, step.inputs, step.outputs) for step in ens.steps
         ]
         assert concurrent_steps(steps) == [], ens.name
-    both = {e.name: [s.model for s in e.steps] for e in all_ensembles(checked=profile == "gpu")}
+    both = {e.name: [s.model for s in e.steps] for e in all_ensembles(checked=profile == "gpu-trtllm")}
     assert both["chat_image_audio"].index("audio_gate") == both["chat_image_audio"].index("vision_encoder") + 1
 
 
@@ -163,11 +163,11 @@ def mc_step(model: str, inputs: dict[str, str], outputs: dict[str, str]):
 
 def test_gpu_repository_renders_in_full(bundle_dir: Path, tmp_path: Path) -> None:
     """The production profile from the same templates: schema and wiring pass, every field explicit."""
-    from build_engines import gpu
+    from build_engines import trtllm_build as gpu
     from mmtriton.spec import spec_from_dict
 
     engines = tmp_path / "engines"
-    repo = render_repository(bundle_dir, tmp_path / "repo-gpu", "gpu", engines_dir=engines)
+    repo = render_repository(bundle_dir, tmp_path / "repo-gpu", "gpu-trtllm", engines_dir=engines)
     configs = load_repository_configs(repo)
     assert check_wiring(configs) == []
     llm = configs["tensorrt_llm"]
@@ -202,12 +202,12 @@ def test_gpu_repository_renders_in_full(bundle_dir: Path, tmp_path: Path) -> Non
 
 
 def test_cuda_profile_encoders_match_onnx(bundle_dir: Path, tmp_path: Path) -> None:
-    """The cuda profile runs the encoders' safetensors in PyTorch: same outputs as the ONNX files."""
+    """The gpu-hf profile runs the encoders' safetensors in PyTorch: same outputs as the ONNX files."""
     import numpy as np
 
     from mmtriton.encoding import encode_audio, encode_images, load_encoder
 
-    repo = render_repository(bundle_dir, tmp_path / "repo-cuda", "cuda")
+    repo = render_repository(bundle_dir, tmp_path / "repo-gpu-hf", "gpu-hf")
     cpu = {"runtime": "torch", "device": "cpu"}  # the rendered device is cuda:0; CI has no GPU
     vision = load_encoder(repo / "vision_encoder" / "1", "vision_encoder", cpu)
     audio = load_encoder(repo / "audio_encoder" / "1", "audio_encoder", cpu)

@@ -147,14 +147,14 @@ def test_launcher_reports_a_broken_repository(tmp_path: Path) -> None:
     assert server.process is None
 
 
-def test_gpu_profile_input_checks_on_the_real_server(bundle_dir: Path, tmp_path: Path, spec: ModelSpec) -> None:
-    """image_check / audio_check (python models of the gpu profile) run on the CPU server by themselves."""
+def test_gpu_trtllm_profile_input_checks_on_the_real_server(bundle_dir: Path, tmp_path: Path, spec: ModelSpec) -> None:
+    """image_check / audio_check (python models of the gpu-trtllm profile) run on the CPU server by themselves."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
     from build_engines.render import render_repository
 
-    repo = render_repository(bundle_dir, tmp_path / "repo-gpu", "gpu", engines_dir=tmp_path / "engines")
+    repo = render_repository(bundle_dir, tmp_path / "repo-gpu", "gpu-trtllm", engines_dir=tmp_path / "engines")
     server = TritonServer(
         model_repository=repo,
         work_dir=tmp_path / "server",

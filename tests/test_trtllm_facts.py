@@ -1,4 +1,4 @@
-"""The gpu profile against what the TensorRT-LLM 1.2.x Triton stack enforces (build_engines/trtllm_facts.py).
+"""The gpu-trtllm profile against what the TensorRT-LLM 1.2.x Triton stack enforces (build_engines/trtllm_facts.py).
 
 Each fact is cited to its upstream source in build_engines/trtllm_facts.py and
 docs/trtllm-production-facts.md; these tests hold the rendered gpu repository and
@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from build_engines import gpu
+from build_engines import trtllm_build as gpu
 from build_engines import trtllm_facts as facts
 from build_engines.render import TEMPLATE_ROOT, RenderError, load_repository_configs, render_repository
 from mmtriton.spec import load_spec, spec_from_dict
@@ -25,9 +25,9 @@ SPECS = Path(__file__).resolve().parent.parent / "build_engines" / "specs"
 
 @pytest.fixture(scope="module")
 def gpu_repo(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The gpu-profile repository of the tiny bundle (engines planned, not built)."""
+    """The gpu-trtllm repository of the tiny bundle (engines planned, not built)."""
     base = tmp_path_factory.mktemp("gpu")
-    return render_repository(bundle_dir, base / "repo-gpu", "gpu", engines_dir=base / "engines")
+    return render_repository(bundle_dir, base / "repo-gpu", "gpu-trtllm", engines_dir=base / "engines")
 
 
 def _template_inputs(model: str) -> list[mc.ModelInput]:
@@ -75,7 +75,7 @@ def test_render_refuses_a_tensorrt_llm_config_without_them(bundle_dir: Path, tmp
     config = templates / "tensorrt_llm" / "config.pbtxt"
     config.write_text(config.read_text().replace("${trtllm_backend_parameters}", ""))
     with pytest.raises(RenderError) as err:
-        render_repository(bundle_dir, tmp_path / "repo", "gpu", template_root=templates, engines_dir=tmp_path / "e")
+        render_repository(bundle_dir, tmp_path / "repo", "gpu-trtllm", template_root=templates, engines_dir=tmp_path / "e")
     for name in ("tokenizer_dir", "xgrammar_tokenizer_info_path", "guided_decoding_backend"):
         assert f"parameter {name!r} is missing" in str(err.value)
     assert not (tmp_path / "repo").exists()
@@ -120,13 +120,13 @@ def test_render_refuses_an_engine_whose_dtype_is_not_the_tables(bundle_dir: Path
     plan = gpu.plan_gpu_build(spec, bundle_dir, engines)
     _write_engine_config(plan.engine_dir, "bfloat16")
     with pytest.raises(RenderError) as err:
-        render_repository(bundle_dir, tmp_path / "repo", "gpu", engines_dir=engines)
+        render_repository(bundle_dir, tmp_path / "repo", "gpu-trtllm", engines_dir=engines)
     assert "prompt_embedding_table is TYPE_FP16 but the engine is bfloat16 (TYPE_BF16)" in str(err.value)
     _write_engine_config(plan.engine_dir, "float16")
-    render_repository(bundle_dir, tmp_path / "repo", "gpu", engines_dir=engines)
+    render_repository(bundle_dir, tmp_path / "repo", "gpu-trtllm", engines_dir=engines)
     (plan.engine_dir / "config.json").write_text("{}")
     with pytest.raises(RenderError, match="no pretrained_config.dtype"):
-        render_repository(bundle_dir, tmp_path / "repo2", "gpu", engines_dir=engines)
+        render_repository(bundle_dir, tmp_path / "repo2", "gpu-trtllm", engines_dir=engines)
 
 
 # --- item 6: no KV-cache block reuse across different prompt tables -------------------------
@@ -182,7 +182,7 @@ def test_render_refuses_an_unpinned_gpu_model(bundle_dir: Path, tmp_path: Path) 
     config = templates / "vision_encoder" / "config.pbtxt"
     config.write_text(config.read_text().replace("${instance_gpus}\n", ""))
     with pytest.raises(RenderError) as err:
-        render_repository(bundle_dir, tmp_path / "repo", "gpu", template_root=templates, engines_dir=tmp_path / "e")
+        render_repository(bundle_dir, tmp_path / "repo", "gpu-trtllm", template_root=templates, engines_dir=tmp_path / "e")
     assert "vision_encoder: instance_group[0] is KIND_GPU on gpus all visible" in str(err.value)
     assert "image_preprocess" not in str(err.value)
 

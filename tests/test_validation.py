@@ -71,7 +71,7 @@ def test_more_payloads_than_the_pipeline_batch(image_pre: ImagePreprocessor) -> 
 
 
 def test_full_decode_catches_what_headers_do_not(spec: ModelSpec) -> None:
-    """The gpu profile's audio_check decodes FLAC/OGG once: a truncated FLAC fails there, not in DALI."""
+    """The gpu-trtllm profile's audio_check decodes FLAC/OGG once: a truncated FLAC fails there, not in DALI."""
     from mmtriton.validation import check_audio
 
     payload, _ = bad_audio(spec)["truncated_flac"]

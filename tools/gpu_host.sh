@@ -68,7 +68,7 @@ step_preprocess() {
   tiny_bundle
   # The 9B spec's image size (224) and batches up to 128; only the two preprocessing models load.
   local set=(--set vision.image_size=224 --set serving.max_batch_size=128 --set serving.preprocess_instances=2)
-  "$PY" -m build_engines render --bundle "$WORK/bundles/tiny-mm" --profile cuda --out "$WORK/repo-pre-cuda" "${set[@]}"
+  "$PY" -m build_engines render --bundle "$WORK/bundles/tiny-mm" --profile gpu-hf --out "$WORK/repo-pre-cuda" "${set[@]}"
   "$PY" -m build_engines render --bundle "$WORK/bundles/tiny-mm" --profile cpu --out "$WORK/repo-pre-cpu" "${set[@]}"
   "$PY" - "$WORK" "$RESULTS" <<'EOF' 2>&1 | tee "$RESULTS/preprocess.log"
 import sys
@@ -105,8 +105,8 @@ step_decode() {
 
 step_serve() {
   big_bundle
-  "$PY" -m build_engines render --bundle "$WORK/bundles/glm4-9b-shape" --profile cuda --out "$WORK/repo-9b-after"
-  "$PY" -m build_engines render --bundle "$WORK/bundles/glm4-9b-shape" --profile cuda --out "$WORK/repo-9b-before" \
+  "$PY" -m build_engines render --bundle "$WORK/bundles/glm4-9b-shape" --profile gpu-hf --out "$WORK/repo-9b-after"
+  "$PY" -m build_engines render --bundle "$WORK/bundles/glm4-9b-shape" --profile gpu-hf --out "$WORK/repo-9b-before" \
     --set serving.max_batch_size=1
   local bw=()
   if [ -f "$RESULTS/decode/decode.json" ]; then

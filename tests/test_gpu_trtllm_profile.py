@@ -1,4 +1,4 @@
-"""The gpu profile, checked without a GPU: build plan, engine world size, TP launcher, compose, monitoring.
+"""The gpu-trtllm profile, checked without a GPU: build plan, engine world size, TP launcher, compose, monitoring.
 
 TensorRT-LLM, trtexec and the DALI backend cannot run here, so these tests pin
 what can be checked on a CPU: the exact commands of the TP=2 build plan, that
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from build_engines import gpu
+from build_engines import trtllm_build as gpu
 from mmtriton import engine_folder
 from mmtriton.spec import ModelSpec, load_spec
 from build_engines.stack import StackError, load_stack
@@ -300,7 +300,7 @@ def test_dry_run_prints_the_full_tp2_plan(
 
 def test_dry_run_runs_as_a_module(fake_bundle: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "build_engines.gpu", "--spec", str(TINY_SPEC), "--bundle", str(fake_bundle)]
+        [sys.executable, "-m", "build_engines.trtllm_build", "--spec", str(TINY_SPEC), "--bundle", str(fake_bundle)]
         + ["--out", str(tmp_path / "engines"), "--dry-run"],
         cwd=ROOT,
         capture_output=True,
@@ -413,7 +413,7 @@ def test_gpu_targets_default_to_a_spec_that_builds() -> None:
     spec_path = ROOT / spec_defaults.pop()
     spec = load_spec(spec_path)
     assert name_defaults == {spec.name}
-    assert f"/workspace/build/repo-gpu-{spec.name}" in DOCKERFILE.read_text().split("CMD", 1)[1]
+    assert f"/workspace/build/repo-gpu-trtllm-{spec.name}" in DOCKERFILE.read_text().split("CMD", 1)[1]
     assert gpu.head_size_problem(spec.llm.hidden_size, spec.llm.num_attention_heads) is None
     dry = subprocess.run(["make", "-n", "gpu-plan", "gpu-engines"], cwd=ROOT, capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k not in ("SPEC", "SPEC_NAME")}, check=True)
@@ -495,7 +495,7 @@ def test_launcher_finds_the_engine_through_the_repository(tmp_path: Path) -> Non
     )
     assert tp_launcher.engine_dir_of(tmp_path / "repo") == Path("/workspace/build/engines/x")
     with pytest.raises(
-        tp_launcher.LaunchError, match=r"config.pbtxt not found: is .* a rendered gpu-profile repository\?"
+        tp_launcher.LaunchError, match=r"config.pbtxt not found: is .* a rendered gpu-trtllm repository\?"
     ):
         tp_launcher.engine_dir_of(tmp_path / "elsewhere")
 

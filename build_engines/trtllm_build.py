@@ -10,7 +10,7 @@ The plan has three commands, run inside the pinned TensorRT-LLM image
    prompt table of every running request's image and longest audio clip.
 3. ``trtexec``: FP16 TensorRT plan of the vision encoder ONNX.
 
-There is no audio-encoder plan: the gpu profile serves the audio encoder on the
+There is no audio-encoder plan: the gpu-trtllm profile serves the audio encoder on the
 python backend (PyTorch on the GPU), see the end of :func:`plan_gpu_build`.
 
 Before anything runs (also before a dry run prints), :func:`build_problems` refuses
@@ -21,7 +21,7 @@ Folders are named by their settings, e.g. ``tiny-gpu-tp2-fp16-bs8-in1024-seq1280
 ``gpu_build.json`` in the output folder records the settings, the commands and
 where each artifact is, for the gpu-profile renderer and the TP launcher.
 
-    python -m build_engines.gpu --spec build_engines/specs/tiny-gpu.toml \\
+    python -m build_engines.trtllm_build --spec build_engines/specs/tiny-gpu.toml \\
         --bundle build/bundles/tiny-gpu --out build/engines/tiny-gpu --dry-run
 
 ``--dry-run`` prints every command and file in order and runs nothing. A real
@@ -771,7 +771,7 @@ def run_plan(plan: GpuBuildPlan, *, force: bool = False) -> list[StepResult]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (2: bad input, 3: machine cannot build, 1: a step failed)."""
-    parser = argparse.ArgumentParser(prog="python -m build_engines.gpu", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m build_engines.trtllm_build", description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, required=True, help="model spec (TOML)")
     parser.add_argument("--bundle", type=Path, required=True, help="bundle folder built from the spec")
     parser.add_argument("--out", type=Path, required=True, help="output folder for checkpoints, engines and plans")
