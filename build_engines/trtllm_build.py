@@ -176,7 +176,7 @@ class LLMBuildSettings:
 
 
 @dataclass(frozen=True)
-class Step:
+class BuildStep:
     """One command of the plan and the files it writes.
 
     Attributes:
@@ -211,7 +211,7 @@ class GpuBuildPlan:
     checkpoint_dir: Path
     engine_dir: Path
     vision_plan: Path
-    steps: tuple[Step, ...]
+    steps: tuple[BuildStep, ...]
     tools: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -433,7 +433,7 @@ def plan_gpu_build(
     checkpoint_dir = out / llm.checkpoint_name(name)
     engine_dir = out / llm.engine_name(name)
     ranks = range(llm.world_size)
-    convert = Step(
+    convert = BuildStep(
         name="convert-checkpoint",
         title=f"Hugging Face checkpoint -> TensorRT-LLM checkpoint ({llm.family.name}, {llm.parallel_tag}, {llm.dtype})",
         argv=(
@@ -456,7 +456,7 @@ def plan_gpu_build(
         output_dir=checkpoint_dir,
         outputs=(checkpoint_dir / "config.json", *(checkpoint_dir / f"rank{r}.safetensors" for r in ranks)),
     )
-    build = Step(
+    build = BuildStep(
         name="trtllm-build",
         title=f"TensorRT-LLM engines, one per rank ({llm.world_size} ranks, in-flight batching)",
         argv=(
@@ -507,7 +507,7 @@ def plan_gpu_build(
     def pixels(b: int) -> dict[str, tuple[int, ...]]:
         return {"pixel_values": (b, 3, size, size)}
 
-    vision = Step(
+    vision = BuildStep(
         name="vision-plan",
         title=f"TensorRT plan of the vision encoder (FP16, batch 1..{batch})",
         # pixel_values arrives as FP16 from image_preprocess and embeddings leave as FP16.
@@ -639,11 +639,11 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _stamp(step: Step) -> Path:
+def _stamp(step: BuildStep) -> Path:
     return step.output_dir / STAMP_NAME
 
 
-def is_up_to_date(step: Step) -> bool:
+def is_up_to_date(step: BuildStep) -> bool:
     """True when a previous run of exactly this command finished and its outputs exist."""
     stamp = _stamp(step)
     if not stamp.is_file() or not all(p.is_file() for p in step.outputs):
@@ -697,12 +697,12 @@ def describe_plan(plan: GpuBuildPlan) -> str:
 class StepResult:
     """How one step of a real run went."""
 
-    step: Step
+    step: BuildStep
     status: str
     seconds: float = 0.0
 
 
-def _run_step(step: Step, log_path: Path) -> None:
+def _run_step(step: BuildStep, log_path: Path) -> None:
     """Run a step, teeing its output to the console and its log file.
 
     Raises:

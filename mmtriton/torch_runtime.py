@@ -2,7 +2,7 @@
 
 :class:`TorchEncoder` has the same ``run(**inputs) -> dict`` interface as
 :class:`mmtriton.onnx_runtime.OnnxEncoder`, with the same input and output
-names, so :mod:`mmtriton.encoding` drives either. It rebuilds the module from
+names, so :mod:`mmtriton.encoder_batching` drives either. It rebuilds the module from
 the bundle spec and loads ``model.safetensors`` (the weights the ONNX file was
 exported from and checked against).
 """

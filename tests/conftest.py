@@ -50,7 +50,7 @@ def cpu_repo(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="session")
 def image_pre(cpu_repo: Path) -> "ImagePreprocessor":
     """The CPU repository's image pipeline, run in-process."""
-    from mmtriton.preprocess import ImagePreprocessor
+    from mmtriton.media_preprocess import ImagePreprocessor
 
     return ImagePreprocessor(cpu_repo / "image_preprocess" / "1" / "dali.py")
 
@@ -58,7 +58,7 @@ def image_pre(cpu_repo: Path) -> "ImagePreprocessor":
 @pytest.fixture(scope="session")
 def audio_pre(cpu_repo: Path) -> "AudioPreprocessor":
     """The CPU repository's audio pipeline, run in-process."""
-    from mmtriton.preprocess import AudioPreprocessor
+    from mmtriton.media_preprocess import AudioPreprocessor
 
     return AudioPreprocessor(cpu_repo / "audio_preprocess" / "1" / "dali.py")
 

@@ -42,7 +42,7 @@ GPU_MFCC_ATOL = 5e-3
 
 
 def test_gpu_image_preprocessing_matches_cpu(cpu_repo: Path, gpu_hf_repo: Path) -> None:
-    from mmtriton.preprocess import ImagePreprocessor
+    from mmtriton.media_preprocess import ImagePreprocessor
 
     cpu = ImagePreprocessor(cpu_repo / "image_preprocess" / "1" / "dali.py")
     gpu = ImagePreprocessor(gpu_hf_repo / "image_preprocess" / "1" / "dali.py")
@@ -65,7 +65,7 @@ def test_gpu_mfcc_matches_cpu(cpu_repo: Path, gpu_hf_repo: Path, spec) -> None:
     H200): there each device is held to the band-limited numpy reference with the CPU
     tests' fractional-rate tolerance instead.
     """
-    from mmtriton.preprocess import AudioPreprocessor
+    from mmtriton.media_preprocess import AudioPreprocessor
     from tests.reference import mfcc_reference_bandlimited
     from tests.test_preprocess import _mfcc_kwargs
     from tests.test_resample import RESAMPLER_SPEC, mfcc_tolerance

@@ -205,7 +205,7 @@ def test_cuda_profile_encoders_match_onnx(bundle_dir: Path, tmp_path: Path) -> N
     """The gpu-hf profile runs the encoders' safetensors in PyTorch: same outputs as the ONNX files."""
     import numpy as np
 
-    from mmtriton.encoding import encode_audio, encode_images, load_encoder
+    from mmtriton.encoder_batching import encode_audio, encode_images, load_encoder
 
     repo = render_repository(bundle_dir, tmp_path / "repo-gpu-hf", "gpu-hf")
     cpu = {"runtime": "torch", "device": "cpu"}  # the rendered device is cuda:0; CI has no GPU

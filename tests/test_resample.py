@@ -23,7 +23,7 @@ from scipy.signal import resample_poly
 
 from mmtriton.spec import ModelSpec
 from mmtriton.dali_runner import DaliRunner, SampleError, load_pipeline_module
-from mmtriton.preprocess import AudioPreprocessor
+from mmtriton.media_preprocess import AudioPreprocessor
 from mmtriton.validation import MAX_AUDIO_SAMPLE_RATE, InputError
 from tests.reference import kaiser_lowpass_design, mfcc_reference_bandlimited
 

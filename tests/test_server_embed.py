@@ -14,10 +14,10 @@ import pytest
 from mmtriton.spec import ModelSpec
 from clients.embed import embed
 from clients.errors import InvalidInputError
-from mmtriton.encoding import encode_audio as run_audio_encoder
-from mmtriton.encoding import encode_images
+from mmtriton.encoder_batching import encode_audio as run_audio_encoder
+from mmtriton.encoder_batching import encode_images
 from mmtriton.onnx_runtime import OnnxEncoder
-from mmtriton.preprocess import AudioPreprocessor, ImagePreprocessor
+from mmtriton.media_preprocess import AudioPreprocessor, ImagePreprocessor
 from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 from mmtriton.server import ServerError, TritonServer
 from tests.bad_inputs import bad_audio, bad_images

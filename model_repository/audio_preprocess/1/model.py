@@ -8,7 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mmtriton.backend_glue import error_response
-from mmtriton.preprocess import AudioPreprocessor
+from mmtriton.media_preprocess import AudioPreprocessor
 from mmtriton.stub_watchdog import exit_with_parent
 from mmtriton.validation import InputError
 

@@ -8,7 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mmtriton.backend_glue import model_parameters
-from mmtriton.encoding import encode_images, load_encoder
+from mmtriton.encoder_batching import encode_images, load_encoder
 from mmtriton.stub_watchdog import exit_with_parent
 
 

@@ -26,7 +26,6 @@ class _Preprocessor:
     """Validate payloads, run the valid ones through a DALI pipeline, keep errors per request."""
 
     input_name: str
-    kinds: str
 
     def __init__(self, pipeline_file: Path, pipeline_name: str) -> None:
         module = load_pipeline_module(Path(pipeline_file))
