@@ -66,7 +66,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -78,6 +77,7 @@ from typing import Any
 
 from mmtriton.spec import ModelSpec, SpecError, load_spec, prompt_table_rows_per_request
 from build_engines.stack import STACK_FILE, Stack, StackError, load_stack
+from build_engines.steps import BuildStep, StepError, StepResult, format_table, is_up_to_date, run_step, stamp_path
 from build_engines.trtllm_facts import head_size_problem
 from mmtriton.engine_folder import EngineConfigError, read_engine_mapping
 
@@ -96,7 +96,6 @@ ENGINE_DTYPE = "float16"
 #: (tensorrtllm_backend docs/multimodal.md, 1.2.1-era).
 DEFAULT_MAX_NUM_TOKENS = 8192
 MANIFEST_NAME = "gpu_build.json"
-STAMP_NAME = ".gpu-step.json"
 
 
 class GpuBuildError(RuntimeError):
@@ -173,30 +172,6 @@ class LLMBuildSettings:
     def checkpoint_name(self, spec_name: str) -> str:
         """TensorRT-LLM checkpoint folder name, e.g. ``tiny-gpu-ckpt-tp2-fp16``."""
         return f"{spec_name}-ckpt-{self.parallel_tag}-{DTYPE_TAGS[self.dtype]}"
-
-
-@dataclass(frozen=True)
-class BuildStep:
-    """One command of the plan and the files it writes.
-
-    Attributes:
-        name: Short id, also the log file name.
-        title: What the step does, for progress output.
-        argv: The command.
-        output_dir: Folder the step writes into (its stamp file lives there).
-        outputs: Files the step writes, in the order a reader needs them.
-    """
-
-    name: str
-    title: str
-    argv: tuple[str, ...]
-    output_dir: Path
-    outputs: tuple[Path, ...]
-
-    @property
-    def command(self) -> str:
-        """The command as one shell-quoted line."""
-        return shlex.join(self.argv)
 
 
 @dataclass(frozen=True)
@@ -631,29 +606,6 @@ def check_bundle_spec(plan: GpuBuildPlan) -> None:
         )
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain-text table with aligned columns."""
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in (headers, *rows)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _stamp(step: BuildStep) -> Path:
-    return step.output_dir / STAMP_NAME
-
-
-def is_up_to_date(step: BuildStep) -> bool:
-    """True when a previous run of exactly this command finished and its outputs exist."""
-    stamp = _stamp(step)
-    if not stamp.is_file() or not all(p.is_file() for p in step.outputs):
-        return False
-    try:
-        return json.loads(stamp.read_text()).get("argv") == list(step.argv)
-    except json.JSONDecodeError:
-        return False
-
-
 def describe_plan(plan: GpuBuildPlan) -> str:
     """The dry-run text: settings, then each command and the files it writes, then a summary."""
     llm = plan.llm
@@ -693,39 +645,16 @@ def describe_plan(plan: GpuBuildPlan) -> str:
     return "\n".join(lines)
 
 
-@dataclass
-class StepResult:
-    """How one step of a real run went."""
-
-    step: BuildStep
-    status: str
-    seconds: float = 0.0
-
-
 def _run_step(step: BuildStep, log_path: Path) -> None:
-    """Run a step, teeing its output to the console and its log file.
+    """Run one step of the plan (:func:`build_engines.steps.run_step`).
 
     Raises:
-        GpuBuildError: Non-zero exit; the message ends with the log tail.
+        GpuBuildError: The step failed; the message ends with its log tail.
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    tail: list[str] = []
-    with open(log_path, "w", encoding="utf-8") as log:
-        log.write(f"$ {step.command}\n")
-        proc = subprocess.Popen(
-            list(step.argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            sys.stdout.write(line)
-            tail = (tail + [line.rstrip("\n")])[-40:]
-        code = proc.wait()
-    if code != 0:
-        raise GpuBuildError(f"step {step.name} failed with exit code {code}; log {log_path}:\n" + "\n".join(tail))
-    missing = [str(p) for p in step.outputs if not p.is_file()]
-    if missing:
-        raise GpuBuildError(f"step {step.name} exited 0 but did not write {missing}; log {log_path}")
+    try:
+        run_step(step, log_path)
+    except StepError as err:
+        raise GpuBuildError(str(err)) from None
 
 
 def run_plan(plan: GpuBuildPlan, *, force: bool = False) -> list[StepResult]:
@@ -754,11 +683,11 @@ def run_plan(plan: GpuBuildPlan, *, force: bool = False) -> list[StepResult]:
         LOGGER.info("[%d/%d] %s: %s", index, total, step.name, step.title)
         LOGGER.info("[%d/%d] $ %s", index, total, step.command)
         step.output_dir.mkdir(parents=True, exist_ok=True)
-        _stamp(step).unlink(missing_ok=True)
+        stamp_path(step).unlink(missing_ok=True)
         started = time.monotonic()
         _run_step(step, plan.out / "logs" / f"{step.name}.log")
         seconds = time.monotonic() - started
-        _stamp(step).write_text(json.dumps({"argv": list(step.argv)}, indent=2) + "\n")
+        stamp_path(step).write_text(json.dumps({"argv": list(step.argv)}, indent=2) + "\n")
         LOGGER.info("[%d/%d] %s: done in %.0f s", index, total, step.name, seconds)
         results.append(StepResult(step, "built", seconds))
     world = engine_world_size(plan.engine_dir)
