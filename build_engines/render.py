@@ -372,7 +372,8 @@ def render_repository(
     if profile.llm_backend == "tensorrtllm":
         if engines_dir is None:
             raise RenderError("the gpu-trtllm profile needs --engines (the folder python -m build_engines.trtllm_build writes)")
-        from build_engines.trtllm_build import EngineConfigError, plan_gpu_build, read_engine_dtype
+        from build_engines.trtllm_build import plan_gpu_build
+        from mmtriton.engine_folder import EngineConfigError, read_engine_dtype
 
         plan = plan_gpu_build(spec, bundle_dir, Path(engines_dir))
         values["engine_dir"] = str(plan.engine_dir.resolve())

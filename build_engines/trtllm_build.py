@@ -510,28 +510,6 @@ def plan_gpu_build(
     )
 
 
-def read_engine_dtype(engine_dir: str | Path) -> str | None:
-    """The dtype a built engine's weights (and so its prompt table) have, or None before the build.
-
-    ``pretrained_config.dtype`` of the engine's ``config.json``, the key the C++ runtime
-    reads (``cpp/tensorrt_llm/runtime/gptJsonConfig.cpp`` ``parseJson``, index commit b57221b7).
-
-    Raises:
-        EngineConfigError: ``config.json`` exists but has no string ``pretrained_config.dtype``.
-    """
-    config = Path(engine_dir) / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        data = json.loads(config.read_text())
-    except json.JSONDecodeError as err:
-        raise EngineConfigError(f"{config}: not JSON ({err})") from None
-    dtype = data.get("pretrained_config", {}).get("dtype") if isinstance(data, dict) else None
-    if not isinstance(dtype, str):
-        raise EngineConfigError(f"{config}: no pretrained_config.dtype (not a TensorRT-LLM engine config)")
-    return dtype
-
-
 def engine_world_size(engine_dir: str | Path, *, check_rank_files: bool = True) -> int:
     """GPUs a TensorRT-LLM engine needs (``pretrained_config.mapping.world_size``).
 

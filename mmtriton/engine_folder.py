@@ -12,6 +12,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def _read_config(config: Path) -> dict | None:
+    """The engine's ``config.json`` as a dict, or None when the file does not exist.
+
+    Raises:
+        EngineConfigError: The file is not a JSON object.
+    """
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise EngineConfigError(f"{config}: not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise EngineConfigError(f"{config}: not a JSON object")
+    return data
+
+
 class EngineConfigError(ValueError):
     """A TensorRT-LLM engine folder is missing, incomplete or inconsistent."""
 
@@ -47,15 +64,12 @@ def read_engine_mapping(engine_dir: str | Path, *, check_rank_files: bool = True
     """
     engine_dir = Path(engine_dir)
     config = engine_dir / "config.json"
-    if not config.is_file():
+    data = _read_config(config)
+    if data is None:
         raise EngineConfigError(
             f"{config} not found: {engine_dir} is not a TensorRT-LLM engine folder (trtllm-build output)"
         )
-    try:
-        data = json.loads(config.read_text())
-    except json.JSONDecodeError as err:
-        raise EngineConfigError(f"{config}: not JSON ({err})") from None
-    mapping = data.get("pretrained_config", {}).get("mapping") if isinstance(data, dict) else None
+    mapping = data.get("pretrained_config", {}).get("mapping")
     if not isinstance(mapping, dict):
         raise EngineConfigError(f"{config}: no pretrained_config.mapping (not a TensorRT-LLM engine config)")
 
@@ -78,3 +92,22 @@ def read_engine_mapping(engine_dir: str | Path, *, check_rank_files: bool = True
         if missing:
             raise EngineConfigError(f"{engine_dir}: world size {world} but {missing} missing (incomplete build?)")
     return EngineMapping(world_size=world, tp_size=tp, pp_size=pp, cp_size=cp)
+
+
+def read_engine_dtype(engine_dir: str | Path) -> str | None:
+    """The dtype a built engine's weights (and so its prompt table) have, or None before the build.
+
+    ``pretrained_config.dtype`` of the engine's ``config.json``, the key the C++ runtime
+    reads (``cpp/tensorrt_llm/runtime/gptJsonConfig.cpp`` ``parseJson``, index commit b57221b7).
+
+    Raises:
+        EngineConfigError: ``config.json`` exists but has no string ``pretrained_config.dtype``.
+    """
+    config = Path(engine_dir) / "config.json"
+    data = _read_config(config)
+    if data is None:
+        return None
+    dtype = data.get("pretrained_config", {}).get("dtype")
+    if not isinstance(dtype, str):
+        raise EngineConfigError(f"{config}: no pretrained_config.dtype (not a TensorRT-LLM engine config)")
+    return dtype
