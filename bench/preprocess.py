@@ -11,7 +11,7 @@ For a 1280x960 JPEG and a 10 s 16 kHz WAV at each batch size:
 
 Example::
 
-    python -m bench.preprocess --cuda-repo build/repo-gpu-hf --cpu-repo build/repo-cpu \\
+    python -m bench.preprocess --gpu-hf-repo build/repo-gpu-hf --cpu-repo build/repo-cpu \\
         --url localhost:8001 --batch 64,128 --out results/preprocess
 """
 
@@ -89,7 +89,7 @@ def served_throughput(url: str, kind: str, data: bytes, concurrency: int, reques
 def main(argv: list[str] | None = None) -> int:
     """Run the preprocessing benchmark and write ``preprocess.json`` and ``preprocess.md``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cuda-repo", type=Path, required=True, help="rendered cuda-profile repository")
+    parser.add_argument("--gpu-hf-repo", type=Path, required=True, help="rendered gpu-hf profile repository")
     parser.add_argument("--cpu-repo", type=Path, required=True, help="rendered cpu-profile repository")
     parser.add_argument("--url", help="gRPC host:port of a server running the cuda repository (served figures)")
     parser.add_argument("--batch", default="64,128")
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     data = samples()
     rows: list[dict[str, Any]] = []
     for kind in ("image", "audio"):
-        gpu_py = args.cuda_repo / f"{kind}_preprocess" / "1" / "dali.py"
+        gpu_py = args.gpu_hf_repo / f"{kind}_preprocess" / "1" / "dali.py"
         cpu_py = args.cpu_repo / f"{kind}_preprocess" / "1" / "dali.py"
         for batch in batches:
             row: dict[str, Any] = {"kind": kind, "batch": batch}

@@ -11,7 +11,7 @@
 #                                       interpreter's own site-packages: the python backend stubs of
 #                                       tritonserver import from there, ahead of PYTHONPATH
 #   tools/gpu_host.sh checks            tiny bundle: pytest -m gpu (GPU vs CPU preprocessing, served
-#                                       cuda-profile greedy tokens vs the cpu profile)
+#                                       gpu-hf profile greedy tokens vs the cpu profile)
 #   tools/gpu_host.sh preprocess        preprocessing samples/s: raw DALI GPU, served, CPU path
 #   tools/gpu_host.sh decode            9B-shaped bundle (built on the GPU); decode step vs weight-read floor
 #   tools/gpu_host.sh serve             9B-shaped model served: before (batch 1) / after (in-flight batching);
@@ -68,7 +68,7 @@ step_preprocess() {
   tiny_bundle
   # The 9B spec's image size (224) and batches up to 128; only the two preprocessing models load.
   local set=(--set vision.image_size=224 --set serving.max_batch_size=128 --set serving.preprocess_instances=2)
-  "$PY" -m build_engines render --bundle "$WORK/bundles/tiny-mm" --profile gpu-hf --out "$WORK/repo-pre-cuda" "${set[@]}"
+  "$PY" -m build_engines render --bundle "$WORK/bundles/tiny-mm" --profile gpu-hf --out "$WORK/repo-pre-gpu-hf" "${set[@]}"
   "$PY" -m build_engines render --bundle "$WORK/bundles/tiny-mm" --profile cpu --out "$WORK/repo-pre-cpu" "${set[@]}"
   "$PY" - "$WORK" "$RESULTS" <<'EOF' 2>&1 | tee "$RESULTS/preprocess.log"
 import sys
@@ -79,13 +79,13 @@ from mmtriton.server import TritonServer
 work, results = Path(sys.argv[1]), Path(sys.argv[2])
 root = Path.cwd()
 server = TritonServer(
-    model_repository=work / "repo-pre-cuda",
+    model_repository=work / "repo-pre-gpu-hf",
     work_dir=work / "server-pre",
     extra_args=["--model-control-mode=explicit", "--load-model=image_preprocess", "--load-model=audio_preprocess"],
     pythonpath=[root],
 )
 with server:
-    main(["--cuda-repo", str(work / "repo-pre-cuda"), "--cpu-repo", str(work / "repo-pre-cpu"),
+    main(["--gpu-hf-repo", str(work / "repo-pre-gpu-hf"), "--cpu-repo", str(work / "repo-pre-cpu"),
           "--url", server.grpc_url, "--batch", "64,128", "--out", str(results / "preprocess")])
 EOF
 }
