@@ -61,6 +61,7 @@ class Profile:
     llm_device: str
     device_id: int | None
     checked_inputs: bool
+    llm_engine: str = "transformers"
 
 
 PROFILES: dict[str, Profile] = {
@@ -73,6 +74,9 @@ PROFILES: dict[str, Profile] = {
     # plan, the TensorRT-LLM C++ backend (TP=2, in-flight batching). The audio encoder stays
     # on the python backend (PyTorch on the GPU): its padded, masked batch of clips of
     # different lengths does not fit the TensorRT backend's ragged-input convention.
+    # The gpu-hf profile's models with vLLM (AsyncLLM, prompt embeddings, CUDA graphs) as the
+    # engine behind the same tensorrt_llm contract.
+    "gpu-vllm": Profile("gpu-vllm", "python", "KIND_GPU", "python", "python", "KIND_GPU", "torch", "python", "cuda", 0, False, "vllm"),
     "gpu-trtllm": Profile("gpu-trtllm", "dali", "KIND_GPU", "tensorrt", "python", "KIND_GPU", "torch", "tensorrtllm", "cuda", 0, True),
 }
 CHECK_MODELS = ("image_check", "audio_check")
@@ -163,11 +167,36 @@ def template_values(spec: ModelSpec, bundle: dict[str, Any], profile: Profile) -
         # Placeholders that render to nothing outside the gpu-trtllm profile (see gpu_profile_values).
         "trtllm_backend_parameters": "",
         "instance_gpus": "",
+        "python_engine_parameters": "",
     }
     values = {key: str(value) for key, value in values.items()}
     if profile.llm_backend == "tensorrtllm":
         values.update(gpu_profile_values(values, profile))
+    else:
+        values["python_engine_parameters"] = parameters_block(python_engine_parameters(spec, profile, values["vocab_size"]))
     return values
+
+
+def python_engine_parameters(spec: ModelSpec, profile: Profile, vocab_size: str) -> dict[str, str]:
+    """Which engine the python ``tensorrt_llm`` model runs, and vLLM's settings where it is vLLM.
+
+    vLLM: ``max_num_seqs`` is the spec's ``max_batch_size`` (the same batch the
+    transformers engine runs), ``max_model_len`` the longest prompt plus answer, CUDA
+    graphs on, prefix caching on (vLLM hashes prompt embeddings too), one GPU.
+    """
+    params = {"engine": profile.llm_engine}
+    if profile.llm_engine == "vllm":
+        params.update(
+            {
+                "vocab_size": vocab_size,
+                "max_model_len": str(spec.llm.max_input_len + spec.llm.max_output_len),
+                "tensor_parallel_size": "1",
+                "gpu_memory_utilization": "0.85",
+                "enforce_eager": "false",
+                "enable_prefix_caching": "true",
+            }
+        )
+    return params
 
 
 def parameters_block(params: dict[str, str]) -> str:

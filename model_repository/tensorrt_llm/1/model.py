@@ -29,14 +29,28 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = model_parameters(args)
         self.max_batch_size = int(config["max_batch_size"])
-        self.engine = Engine(
-            Path(params["gpt_model_path"]),
-            max_batch_size=self.max_batch_size,
-            max_input_len=int(params["max_input_len"]),
-            max_output_len=int(params["max_output_len"]),
-            prompt_table_capacity=int(params["prompt_table_capacity"]),
-            device=params["device"],
-        )
+        if params.get("engine", "transformers") == "vllm":
+            from mmtriton.vllm_engine import VllmEngine
+
+            self.engine = VllmEngine(
+                Path(params["gpt_model_path"]),
+                vocab_size=int(params["vocab_size"]),
+                max_batch_size=self.max_batch_size,
+                max_model_len=int(params["max_model_len"]),
+                tensor_parallel_size=int(params["tensor_parallel_size"]),
+                gpu_memory_utilization=float(params["gpu_memory_utilization"]),
+                enforce_eager=params["enforce_eager"] == "true",
+                enable_prefix_caching=params["enable_prefix_caching"] == "true",
+            )
+        else:
+            self.engine = Engine(
+                Path(params["gpt_model_path"]),
+                max_batch_size=self.max_batch_size,
+                max_input_len=int(params["max_input_len"]),
+                max_output_len=int(params["max_output_len"]),
+                prompt_table_capacity=int(params["prompt_table_capacity"]),
+                device=params["device"],
+            )
         self.engine.start()
         self.workers = ThreadPoolExecutor(max_workers=4 * self.max_batch_size + 4, thread_name_prefix="stream")
         self.by_triton_id: dict[str, str] = {}

@@ -1,0 +1,340 @@
+"""vLLM behind the ``tensorrt_llm`` contract: the same interface as :class:`mmtriton.engine.Engine`.
+
+The python model of ``tensorrt_llm`` drives either engine the same way (``submit``,
+``stream``, ``cancel`` and the statistics); this one runs vLLM's ``AsyncLLM`` on an
+event loop of its own thread and bridges each request's outputs to a queue the
+model's worker threads read.
+
+What it adds on top of vLLM, to keep TensorRT-LLM's semantics:
+
+- **Prompts.** Text-only requests go in as token ids; requests with fake ids
+  ``vocab_size + i`` go in as ``prompt_embeds`` built on the GPU from the model's
+  input embedding and the request's prompt table (:mod:`mmtriton.llm_prompts`).
+  The embedding weight is read once from the checkpoint's safetensors.
+- **Sampling.** TensorRT-LLM's defaults are greedy (``top_k`` and ``top_p`` unset);
+  ``seed`` is honoured per request.
+- **Ends.** ``end_id`` ends generation and is not returned; a negative ``end_id``
+  (``ignore_eos``) runs to ``max_new_tokens``; multi-token ``stop_words_list``
+  entries end generation after the match, which is kept (:class:`OutputFilter`).
+- **Cancellation.** ``cancel`` (a closed stream, ``stop``) aborts the vLLM request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmtriton.engine import EngineError, GenerationRequest
+
+LOGGER = logging.getLogger(__name__)
+_END = object()
+
+
+def sampling_kwargs(request: GenerationRequest, model_eos_ids: Sequence[int]) -> dict[str, Any]:
+    """``vllm.SamplingParams`` keyword arguments for one contract request.
+
+    Args:
+        request: The request in TensorRT-LLM terms.
+        model_eos_ids: The model's own end-of-sequence ids (generation config).
+
+    Returns:
+        Keyword arguments; ``output_kind`` and ``detokenize`` are set by the engine.
+    """
+    greedy = request.is_greedy()
+    kwargs: dict[str, Any] = {
+        "max_tokens": int(request.max_new_tokens),
+        "temperature": 0.0 if greedy else float(request.temperature),
+        "top_k": 0 if greedy or request.top_k <= 0 else int(request.top_k),
+        "top_p": 1.0 if greedy or request.top_p <= 0 else float(request.top_p),
+        "seed": None if request.seed is None else int(request.seed),
+    }
+    if request.end_id is not None and request.end_id < 0:
+        kwargs["ignore_eos"] = True  # fixed-length answers (benchmarks)
+    else:
+        ends = sorted({int(request.end_id)} if request.end_id is not None else set(model_eos_ids))
+        kwargs["stop_token_ids"] = ends
+    return kwargs
+
+
+@dataclass
+class OutputFilter:
+    """Turns vLLM's token deltas into what the contract returns.
+
+    An end id is not returned (vLLM keeps a stop token in its output); the first
+    stop word generated ends the answer and is kept, as TensorRT-LLM does.
+
+    Attributes:
+        end_ids: Ids that end generation and are dropped.
+        stop_words: Token sequences that end generation after the match.
+    """
+
+    end_ids: frozenset[int]
+    stop_words: list[list[int]] = field(default_factory=list)
+    output: list[int] = field(default_factory=list)
+    done: bool = False
+
+    def push(self, delta: Sequence[int]) -> list[int]:
+        """New tokens from the engine -> tokens to send; sets :attr:`done` at an end."""
+        emit: list[int] = []
+        for token in delta:
+            if self.done:
+                break
+            if token in self.end_ids:
+                self.done = True
+                break
+            emit.append(int(token))
+            self.output.append(int(token))
+            if any(len(self.output) >= len(w) and self.output[-len(w) :] == w for w in self.stop_words if w):
+                self.done = True
+        return emit
+
+
+@dataclass
+class _Record:
+    items: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    task: Any = None
+    done: bool = False
+    stream_taken: bool = False
+
+
+class VllmEngine:
+    """vLLM ``AsyncLLM`` with the contract's semantics; the interface of :class:`mmtriton.engine.Engine`.
+
+    Args:
+        model_dir: Hugging Face checkpoint folder (the bundle's ``llm/``).
+        vocab_size: Ids at or above this are prompt-table rows.
+        max_batch_size: vLLM ``max_num_seqs``.
+        max_model_len: Longest prompt plus answer.
+        tensor_parallel_size: GPUs per model replica.
+        gpu_memory_utilization: Share of GPU memory vLLM may take.
+        enforce_eager: Turn CUDA graphs off (they are on by default).
+        enable_prefix_caching: vLLM's prefix cache (it hashes embeddings too).
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        vocab_size: int,
+        max_batch_size: int,
+        max_model_len: int,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.vocab_size = vocab_size
+        self.max_batch_size = max_batch_size
+        self.settings = {
+            "max_num_seqs": max_batch_size,
+            "max_model_len": max_model_len,
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "enforce_eager": enforce_eager,
+            "enable_prefix_caching": enable_prefix_caching,
+        }
+        self._records: dict[str, _Record] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._cancelled = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
+        self._engine: Any = None
+        self._weight: Any = None
+        self._eos: frozenset[int] = frozenset()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Load the embedding weight, start the event loop and the vLLM engine (blocks until ready)."""
+        # flashinfer from PyPI compiles its sampler at run time; without nvcc that fails.
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        self._weight = _load_input_embedding(self.model_dir)
+        self._eos = frozenset(_model_eos_ids(self.model_dir))
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._create(), self._loop).result()
+
+    async def _create(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(self.model_dir),
+            skip_tokenizer_init=True,  # ids in, ids out: the contract's postprocessing detokenizes
+            enable_prompt_embeds=True,
+            disable_log_stats=True,
+            **self.settings,
+        )
+        self._engine = AsyncLLM.from_engine_args(args)
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Abort what runs, shut vLLM down and end the loop thread."""
+        with self._lock:
+            ids = list(self._records)
+        for request_id in ids:
+            self.cancel(request_id)
+        if self._engine is not None:
+            self._engine.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, request: GenerationRequest) -> str:
+        """Validate and start a request; returns its id for :meth:`stream` and :meth:`cancel`.
+
+        Raises:
+            ValueError: Bad ids or prompt table (the message names the request and the limit).
+        """
+        from mmtriton.llm_prompts import ContractRequest, build_prompts
+
+        request_id = f"vllm-{next(self._ids)}"
+        (prompt,) = build_prompts(
+            [ContractRequest(request_id, request.input_ids, request.prompt_table)], self.vocab_size, self._weight
+        )
+        end_ids = frozenset([request.end_id] if request.end_id is not None and request.end_id >= 0 else [])
+        if request.end_id is None:
+            end_ids = self._eos
+        record = _Record()
+        with self._lock:
+            self._records[request_id] = record
+        flt = OutputFilter(end_ids, [list(w) for w in request.stop_words])
+        kwargs = sampling_kwargs(request, sorted(self._eos))
+        record.task = asyncio.run_coroutine_threadsafe(self._run(request_id, prompt, kwargs, flt, record), self._loop)
+        return request_id
+
+    async def _run(self, request_id: str, prompt: dict, kwargs: dict, flt: OutputFilter, record: _Record) -> None:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        params = SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA, detokenize=False)
+        try:
+            async for out in self._engine.generate(prompt, params, request_id):
+                emit = flt.push(out.outputs[0].token_ids)
+                if emit:
+                    record.items.put(emit)
+                if flt.done:
+                    if not out.finished:
+                        await self._engine.abort(request_id)
+                    break
+            record.items.put(_END)
+        except asyncio.CancelledError:
+            await self._engine.abort(request_id)
+            record.items.put(_END)
+        except Exception as err:  # noqa: BLE001 - any engine failure ends this request with an error
+            LOGGER.exception("vLLM request %s failed", request_id)
+            record.items.put(EngineError(str(err)))
+        finally:
+            record.done = True
+
+    def stream(self, request_id: str) -> Iterator[list[int]]:
+        """Yield a request's new tokens; closing the iterator early cancels the request.
+
+        Raises:
+            KeyError: Unknown request id.
+            EngineError: The request failed in vLLM.
+        """
+        with self._lock:
+            record = self._records.get(request_id)
+            if record is None:
+                raise KeyError(f"unknown request id {request_id!r}")
+            record.stream_taken = True
+        return self._stream(request_id, record)
+
+    def _stream(self, request_id: str, record: _Record) -> Iterator[list[int]]:
+        finished = False
+        try:
+            while True:
+                item = record.items.get()
+                if item is _END:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                tokens = list(item)
+                while True:  # coalesce what the consumer has not taken yet
+                    try:
+                        more = record.items.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(more, list):
+                        tokens.extend(more)
+                    else:
+                        record.items.put(more)
+                        break
+                yield tokens
+        finally:
+            if not finished:
+                self.cancel(request_id)
+            with self._lock:
+                self._records.pop(request_id, None)
+
+    def cancel(self, request_id: str) -> None:
+        """Abort a running request (its stream ends); unknown or finished ones are ignored."""
+        with self._lock:
+            record = self._records.get(request_id)
+            if record is None or record.done:
+                return
+            self._cancelled += 1
+        if record.task is not None:
+            record.task.cancel()
+
+    # ------------------------------------------------------------------ statistics
+
+    def step_batch_sizes(self) -> dict[int, int]:
+        """Not measured for vLLM (its own scheduler statistics are not bridged yet)."""
+        return {}
+
+    @property
+    def max_batch_size_seen(self) -> int:
+        """Not measured for vLLM (see :meth:`step_batch_sizes`)."""
+        return 0
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests handed to vLLM and not finished."""
+        with self._lock:
+            return sum(1 for r in self._records.values() if not r.done)
+
+    @property
+    def num_pending(self) -> int:
+        """vLLM queues internally; requests waiting there count as in flight here."""
+        return 0
+
+    @property
+    def num_cancelled(self) -> int:
+        """Requests cancelled since the engine started."""
+        with self._lock:
+            return self._cancelled
+
+
+def _load_input_embedding(model_dir: Path) -> Any:
+    """The checkpoint's input embedding on the GPU, in the checkpoint's dtype."""
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = [k for k in f.keys() if k.endswith("embed_tokens.weight")]
+            if names:
+                return f.get_tensor(names[0]).to("cuda" if torch.cuda.is_available() else "cpu")
+    raise EngineError(f"{model_dir}: no embed_tokens.weight in its safetensors files")
+
+
+def _model_eos_ids(model_dir: Path) -> list[int]:
+    import json
+
+    config = Path(model_dir) / "generation_config.json"
+    if not config.is_file():
+        return []
+    eos = json.loads(config.read_text()).get("eos_token_id")
+    return [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
