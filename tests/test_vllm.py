@@ -136,14 +136,18 @@ def test_vllm_seed_reproduces_sampling(servers: dict) -> None:
     assert first != other
 
 
-def _in_flight(server: "TritonServer") -> float:
+def _engine_metric(server: "TritonServer", name: str) -> float:
     import urllib.request
 
     with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
         for line in resp.read().decode().splitlines():
-            if line.startswith('mmtriton_engine_requests_in_flight{model="tensorrt_llm"}'):
+            if line.startswith(f'mmtriton_engine_{name}{{model="tensorrt_llm"}}'):
                 return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("no mmtriton_engine_requests_in_flight on /metrics")
+    raise AssertionError(f"no mmtriton_engine_{name} on /metrics")
+
+
+def _in_flight(server: "TritonServer") -> float:
+    return _engine_metric(server, "requests_in_flight")
 
 
 def _wait_idle(server: "TritonServer", deadline_s: float = 30.0) -> None:
@@ -178,23 +182,25 @@ def test_vllm_concurrent_streams_each_equal_their_own_reference(servers: dict) -
 @pytest.mark.gpu
 def test_vllm_closed_stream_and_stop_free_the_slot(servers: dict) -> None:
     import threading
+    import time
     import uuid
 
     from clients.llm import ChatClient, Sampling
 
     server = servers["vllm"]
     client = ChatClient(server.grpc_url)
-    stream = client.stream("Tell me everything.", sampling=Sampling(max_tokens=4000, ignore_eos=True))
+    longest = Sampling(max_tokens=256, ignore_eos=True)
+    _wait_idle(server)
+    cancelled = _engine_metric(server, "requests_cancelled_total")
+    stream = client.stream("Tell me everything.", sampling=longest)
     next(stream)
     stream.close()  # the gRPC stream is cancelled; postprocessing stops the vLLM request
     _wait_idle(server)
+    time.sleep(0.5)  # the counter is reported every 0.2 s
+    assert _engine_metric(server, "requests_cancelled_total") == cancelled + 1
     rid = uuid.uuid4().hex
-    worker = threading.Thread(
-        target=lambda: client.generate("Go on.", sampling=Sampling(max_tokens=4000, ignore_eos=True), request_id=rid)
-    )
+    worker = threading.Thread(target=lambda: client.generate("Go on.", sampling=longest, request_id=rid))
     worker.start()
-    import time
-
     end = time.monotonic() + 30
     while _in_flight(server) == 0:
         assert time.monotonic() < end, "the request never started"
@@ -203,4 +209,6 @@ def test_vllm_closed_stream_and_stop_free_the_slot(servers: dict) -> None:
     worker.join(60)
     assert not worker.is_alive()
     _wait_idle(server)
+    time.sleep(0.5)
+    assert _engine_metric(server, "requests_cancelled_total") == cancelled + 2
     assert len(client.generate("Hello", sampling=Sampling(max_tokens=4)).token_ids) >= 1
