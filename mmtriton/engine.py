@@ -107,6 +107,28 @@ _INT32_MAX = 2**31 - 1
 _END = object()  # stream sentinel
 
 
+def coalesce(first: Sequence[int], items: queue.SimpleQueue) -> tuple[list[int], object | None]:
+    """``first`` plus every token list already waiting in ``items``, as one chunk.
+
+    Tokens of steps the consumer has not taken yet go out together, so a consumer
+    slower than the engine (per-token responses through Triton) sends fewer, larger
+    chunks instead of falling further behind.
+
+    Returns:
+        The tokens, and the first non-token item met (the end marker or an error),
+        or None; the caller handles that item after yielding the tokens.
+    """
+    tokens = list(first)
+    while True:
+        try:
+            more = items.get_nowait()
+        except queue.Empty:
+            return tokens, None
+        if not isinstance(more, list):
+            return tokens, more
+        tokens.extend(more)
+
+
 class EngineError(RuntimeError):
     """A request failed inside the engine (generation error, or the engine stopped)."""
 
@@ -494,19 +516,7 @@ class Engine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                # Coalesce: tokens of steps the consumer has not taken yet go out as one item,
-                # so a consumer slower than the engine (per-token responses through Triton)
-                # sends fewer, larger chunks instead of falling further behind.
-                tokens = list(item)
-                while held is None:
-                    try:
-                        more = record.items.get_nowait()
-                    except queue.Empty:
-                        break
-                    if isinstance(more, list):
-                        tokens.extend(more)
-                    else:
-                        held = more
+                tokens, held = coalesce(item, record.items)
                 yield tokens
         finally:
             if not finished:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmtriton.engine import EngineError, GenerationRequest
+from mmtriton.engine import EngineError, GenerationRequest, coalesce
 
 LOGGER = logging.getLogger(__name__)
 _END = object()
@@ -251,26 +251,17 @@ class VllmEngine:
 
     def _stream(self, request_id: str, record: _Record) -> Iterator[list[int]]:
         finished = False
+        held: object = None
         try:
             while True:
-                item = record.items.get()
+                item, held = (held, None) if held is not None else (record.items.get(), None)
                 if item is _END:
                     finished = True
                     return
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                tokens = list(item)
-                while True:  # coalesce what the consumer has not taken yet
-                    try:
-                        more = record.items.get_nowait()
-                    except queue.Empty:
-                        break
-                    if isinstance(more, list):
-                        tokens.extend(more)
-                    else:
-                        record.items.put(more)
-                        break
+                tokens, held = coalesce(item, record.items)
                 yield tokens
         finally:
             if not finished:

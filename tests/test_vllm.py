@@ -212,3 +212,15 @@ def test_vllm_closed_stream_and_stop_free_the_slot(servers: dict) -> None:
     time.sleep(0.5)
     assert _engine_metric(server, "requests_cancelled_total") == cancelled + 2
     assert len(client.generate("Hello", sampling=Sampling(max_tokens=4)).token_ids) >= 1
+
+
+def test_coalesce_joins_waiting_tokens_and_stops_at_the_end_marker() -> None:
+    import queue
+
+    from mmtriton.engine import coalesce
+
+    items: queue.SimpleQueue = queue.SimpleQueue()
+    for item in ([2], [3, 4], "END", [9]):
+        items.put(item)
+    assert coalesce([1], items) == ([1, 2, 3, 4], "END")
+    assert coalesce([8], items) == ([8, 9], None)
