@@ -86,7 +86,7 @@ import logging
 import queue
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +104,7 @@ __all__ = ["Engine", "EngineError", "GenerationRequest", "PromptTableEmbedding"]
 logger = logging.getLogger(__name__)
 
 _INT32_MAX = 2**31 - 1
-_END = object()  # stream sentinel
+STREAM_END = object()  # put after a request's last tokens
 
 
 def coalesce(first: Sequence[int], items: queue.SimpleQueue) -> tuple[list[int], object | None]:
@@ -127,6 +127,36 @@ def coalesce(first: Sequence[int], items: queue.SimpleQueue) -> tuple[list[int],
         if not isinstance(more, list):
             return tokens, more
         tokens.extend(more)
+
+
+def token_stream(
+    items: queue.SimpleQueue, wait: Callable[[], object], ended: list[bool]
+) -> Iterator[list[int]]:
+    """Yield a request's tokens from its queue, coalesced (:func:`coalesce`), until it ends.
+
+    Shared by both engines' ``stream``. The queue holds token lists, then
+    :data:`STREAM_END` or the exception that ended the request.
+
+    Args:
+        items: The request's queue.
+        wait: Blocks for the next item (an engine may raise from it when it stops).
+        ended: Gets an entry when the request ended by itself (end or error), so the
+            caller knows that a stream closed without one was abandoned.
+
+    Raises:
+        BaseException: The exception that ended the request.
+    """
+    held: object = None  # an end or error found while coalescing, handled after the tokens
+    while True:
+        item, held = (held, None) if held is not None else (wait(), None)
+        if item is STREAM_END:
+            ended.append(True)
+            return
+        if isinstance(item, BaseException):
+            ended.append(True)
+            raise item
+        tokens, held = coalesce(item, items)
+        yield tokens
 
 
 class EngineError(RuntimeError):
@@ -496,33 +526,23 @@ class Engine:
         return self._stream(record)
 
     def _stream(self, record: _Record) -> Iterator[list[int]]:
-        finished = False
-        held: object = None  # an end or error found while coalescing, handled after the tokens
+        ended: list[bool] = []
         try:
-            while True:
-                if held is not None:
-                    item, held = held, None
-                else:
-                    try:
-                        item = record.items.get(timeout=1.0)
-                    except queue.Empty:
-                        manager = self._manager
-                        if manager is None or not manager.is_running():
-                            raise EngineError("engine is not running") from None
-                        continue
-                if item is _END:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                tokens, held = coalesce(item, record.items)
-                yield tokens
+            yield from token_stream(record.items, lambda: self._next_item(record), ended)
         finally:
-            if not finished:
+            if not ended:
                 self.cancel(record.request_id)
             with self._lock:
                 self._records.pop(record.request_id, None)
+
+    def _next_item(self, record: _Record) -> object:
+        while True:
+            try:
+                return record.items.get(timeout=1.0)
+            except queue.Empty:
+                manager = self._manager
+                if manager is None or not manager.is_running():
+                    raise EngineError("engine is not running") from None
 
     def cancel(self, request_id: str) -> None:
         """Cancel a request; its stream ends and its batch slot and table rows are freed.
@@ -746,7 +766,7 @@ class Engine:
         self._free_rows.update(record.rows)
         record.rows = []
         record.table_rows = None
-        record.items.put(error if error is not None else _END)
+        record.items.put(error if error is not None else STREAM_END)
         if admit:
             self._admit()
 

@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmtriton.engine import EngineError, GenerationRequest, coalesce
+from mmtriton.engine import STREAM_END, EngineError, GenerationRequest, token_stream
 
 LOGGER = logging.getLogger(__name__)
-_END = object()
 
 
 def sampling_kwargs(request: GenerationRequest, model_eos_ids: Sequence[int]) -> dict[str, Any]:
@@ -102,7 +101,6 @@ class _Record:
     items: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     task: Any = None
     done: bool = False
-    stream_taken: bool = False
 
 
 class VllmEngine:
@@ -201,14 +199,12 @@ class VllmEngine:
         (prompt,) = build_prompts(
             [ContractRequest(request_id, request.input_ids, request.prompt_table)], self.vocab_size, self._weight
         )
-        end_ids = frozenset([request.end_id] if request.end_id is not None and request.end_id >= 0 else [])
-        if request.end_id is None:
-            end_ids = self._eos
+        kwargs = sampling_kwargs(request, sorted(self._eos))
+        # The ids vLLM stops on are the ones the contract does not return.
+        flt = OutputFilter(frozenset(kwargs.get("stop_token_ids", ())), [list(w) for w in request.stop_words])
         record = _Record()
         with self._lock:
             self._records[request_id] = record
-        flt = OutputFilter(end_ids, [list(w) for w in request.stop_words])
-        kwargs = sampling_kwargs(request, sorted(self._eos))
         record.task = asyncio.run_coroutine_threadsafe(self._run(request_id, prompt, kwargs, flt, record), self._loop)
         return request_id
 
@@ -225,10 +221,10 @@ class VllmEngine:
                     if not out.finished:
                         await self._engine.abort(request_id)
                     break
-            record.items.put(_END)
+            record.items.put(STREAM_END)
         except asyncio.CancelledError:
             await self._engine.abort(request_id)
-            record.items.put(_END)
+            record.items.put(STREAM_END)
         except Exception as err:  # noqa: BLE001 - any engine failure ends this request with an error
             LOGGER.exception("vLLM request %s failed", request_id)
             record.items.put(EngineError(str(err)))
@@ -246,25 +242,14 @@ class VllmEngine:
             record = self._records.get(request_id)
             if record is None:
                 raise KeyError(f"unknown request id {request_id!r}")
-            record.stream_taken = True
         return self._stream(request_id, record)
 
     def _stream(self, request_id: str, record: _Record) -> Iterator[list[int]]:
-        finished = False
-        held: object = None
+        ended: list[bool] = []
         try:
-            while True:
-                item, held = (held, None) if held is not None else (record.items.get(), None)
-                if item is _END:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                tokens, held = coalesce(item, record.items)
-                yield tokens
+            yield from token_stream(record.items, record.items.get, ended)
         finally:
-            if not finished:
+            if not ended:
                 self.cancel(request_id)
             with self._lock:
                 self._records.pop(request_id, None)

@@ -40,6 +40,24 @@ def bundle_dir(spec: ModelSpec) -> Path:
 
 
 @pytest.fixture(scope="session")
+def builder(bundle_dir: Path, spec: ModelSpec) -> "PromptBuilder":
+    """The preprocessing model's prompt builder for the tiny bundle, in-process."""
+    import json
+
+    from mmtriton.prompting import PromptBuilder
+
+    bundle = json.loads((bundle_dir / "bundle.json").read_text())
+    return PromptBuilder(
+        bundle_dir / "llm",
+        vocab_size=bundle["vocab_size"],
+        hidden_size=bundle["llm_hidden_size"],
+        image_token=spec.tokenizer.image_token,
+        audio_token=spec.tokenizer.audio_token,
+        max_input_len=spec.llm.max_input_len,
+    )
+
+
+@pytest.fixture(scope="session")
 def cpu_repo(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A freshly rendered CPU-profile repository."""
     from build_engines.render import render_repository

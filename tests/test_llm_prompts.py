@@ -16,24 +16,16 @@ import torch
 
 from mmtriton.llm_prompts import EMBEDS_KEY, TOKEN_IDS_KEY, ContractRequest, PromptError, build_prompts
 from mmtriton.prompting import PromptBuilder
-from mmtriton.spec import ModelSpec
 
 
 @pytest.fixture(scope="module")
-def bundle(bundle_dir: Path, spec: ModelSpec) -> dict:
+def bundle(bundle_dir: Path, builder: PromptBuilder) -> dict:
+    """The tiny bundle's vocabulary size, its input embedding (FP32) and the prompt builder."""
     from safetensors.numpy import load_file
 
     info = json.loads((bundle_dir / "bundle.json").read_text())
     weights = load_file(str(bundle_dir / "llm" / "model.safetensors"))
     (name,) = [k for k in weights if k.endswith("embed_tokens.weight")]
-    builder = PromptBuilder(
-        bundle_dir / "llm",
-        vocab_size=info["vocab_size"],
-        hidden_size=info["llm_hidden_size"],
-        image_token=spec.tokenizer.image_token,
-        audio_token=spec.tokenizer.audio_token,
-        max_input_len=spec.llm.max_input_len,
-    )
     return {"vocab": info["vocab_size"], "weight": weights[name].astype(np.float32), "builder": builder}
 
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from mmtriton.spec import ModelSpec
 from mmtriton.detokenize import REPLACEMENT, DetokenizerStates, IncrementalDetokenizer
 from mmtriton.prompting import (
     PromptBuilder,
@@ -19,21 +16,6 @@ from mmtriton.prompting import (
 from mmtriton.validation import InputError
 
 TEXT = "Le café naïve — 日本語 🙂 says: hello  world, fine?"
-
-
-@pytest.fixture(scope="module")
-def builder(bundle_dir: Path, spec: ModelSpec) -> PromptBuilder:
-    import json
-
-    bundle = json.loads((bundle_dir / "bundle.json").read_text())
-    return PromptBuilder(
-        bundle_dir / "llm",
-        vocab_size=bundle["vocab_size"],
-        hidden_size=bundle["llm_hidden_size"],
-        image_token=spec.tokenizer.image_token,
-        audio_token=spec.tokenizer.audio_token,
-        max_input_len=spec.llm.max_input_len,
-    )
 
 
 def test_per_token_decoding_would_break_this_text(builder: PromptBuilder) -> None:
