@@ -44,6 +44,7 @@ import numpy as np
 import pytest
 
 from mmtriton.spec import ModelSpec
+from bench.triton_stats import parse_metrics
 from clients.errors import ClientError, InvalidInputError
 from clients.llm import ChatClient, Sampling, grpc_inputs, request_values
 from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
@@ -131,13 +132,7 @@ def rserver(cpu_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def metrics(server: TritonServer) -> dict[str, float]:
     """Every sample on ``/metrics``, keyed by its full name with labels."""
     with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
-        text = resp.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+        return parse_metrics(resp.read().decode())
 
 
 def engine(server: TritonServer, name: str) -> float:

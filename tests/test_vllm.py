@@ -139,11 +139,13 @@ def test_vllm_seed_reproduces_sampling(servers: dict) -> None:
 def _engine_metric(server: "TritonServer", name: str) -> float:
     import urllib.request
 
+    from bench.triton_stats import parse_metrics
+
     with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(f'mmtriton_engine_{name}{{model="tensorrt_llm"}}'):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no mmtriton_engine_{name} on /metrics")
+        values = parse_metrics(resp.read().decode())
+    key = f'mmtriton_engine_{name}{{model="tensorrt_llm"}}'
+    assert key in values, f"no {key} on /metrics"
+    return values[key]
 
 
 def _in_flight(server: "TritonServer") -> float:
