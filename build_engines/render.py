@@ -178,22 +178,26 @@ def template_values(spec: ModelSpec, bundle: dict[str, Any], profile: Profile) -
 
 
 def python_engine_parameters(spec: ModelSpec, profile: Profile, vocab_size: str) -> dict[str, str]:
-    """Which engine the python ``tensorrt_llm`` model runs, and vLLM's settings where it is vLLM.
+    """Which engine the python ``tensorrt_llm`` model runs, and its settings from the spec.
 
-    vLLM: ``max_num_seqs`` is the spec's ``max_batch_size`` (the same batch the
-    transformers engine runs), ``max_model_len`` the longest prompt plus answer, CUDA
-    graphs on, prefix caching on (vLLM hashes prompt embeddings too), one GPU.
+    Both engines: ``stream_chunk_rate`` (streamed responses per second over all
+    requests; 0 sends every engine step). vLLM: ``max_num_seqs`` is the spec's
+    ``max_batch_size`` (the same batch the transformers engine runs),
+    ``max_model_len`` the longest prompt plus answer; tensor parallel size, GPU
+    memory share, CUDA graphs and prefix caching (vLLM hashes prompt embeddings too)
+    come from ``[serving]``.
     """
-    params = {"engine": profile.llm_engine}
+    serving = spec.serving
+    params = {"engine": profile.llm_engine, "stream_chunk_rate": str(serving.stream_chunk_rate)}
     if profile.llm_engine == "vllm":
         params.update(
             {
                 "vocab_size": vocab_size,
                 "max_model_len": str(spec.llm.max_input_len + spec.llm.max_output_len),
-                "tensor_parallel_size": "1",
-                "gpu_memory_utilization": "0.85",
-                "enforce_eager": "false",
-                "enable_prefix_caching": "true",
+                "tensor_parallel_size": str(serving.tensor_parallel_size),
+                "gpu_memory_utilization": str(serving.gpu_memory_utilization),
+                "enforce_eager": str(serving.enforce_eager).lower(),
+                "enable_prefix_caching": str(serving.enable_prefix_caching).lower(),
             }
         )
     return params

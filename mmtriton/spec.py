@@ -120,6 +120,12 @@ class ServingSpec:
     kv_cache_free_gpu_mem_fraction: float
     enable_chunked_context: bool
     cancellation_check_period_ms: int
+    # LLM engine settings with defaults (older specs and bundle.json files lack them).
+    tensor_parallel_size: int = 1  # GPUs per LLM replica (vLLM; compose reserves this many)
+    gpu_memory_utilization: float = 0.85  # vLLM: share of GPU memory for weights, activations, KV cache
+    enforce_eager: bool = False  # vLLM: True turns CUDA graphs off
+    enable_prefix_caching: bool = True  # vLLM: reuse KV blocks of shared prompt prefixes
+    stream_chunk_rate: int = 2000  # streamed responses per second over all requests; 0 = every step
 
 
 @dataclass(frozen=True)
@@ -149,11 +155,15 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise SpecError(f"{where}: unknown key(s) {unknown}; expected {sorted(names)}")
-    missing = sorted(names - set(data))
+    optional = {f.name for f in fields if f.default is not dataclasses.MISSING}
+    missing = sorted(names - set(data) - optional)
     if missing:
         raise SpecError(f"{where}: missing key(s) {missing}")
     values: dict[str, Any] = {}
     for f in fields:
+        if f.name not in data:
+            values[f.name] = f.default
+            continue
         hint, value, key = hints[f.name], data[f.name], f"{where}.{f.name}"
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
@@ -182,6 +192,21 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**values)
 
 
+def _check(spec: ModelSpec, name: str) -> ModelSpec:
+    """Checks across keys that the per-key types cannot express; returns ``spec``."""
+    if spec.vision.image_size % spec.vision.patch_size:
+        raise SpecError(f"{name}: vision.image_size must be a multiple of vision.patch_size")
+    if spec.audio.subsampling & (spec.audio.subsampling - 1):
+        raise SpecError(f"{name}: audio.subsampling must be a power of two")
+    if spec.serving.tensor_parallel_size < 1:
+        raise SpecError(f"{name}: serving.tensor_parallel_size must be at least 1")
+    if not 0.0 < spec.serving.gpu_memory_utilization <= 1.0:
+        raise SpecError(f"{name}: serving.gpu_memory_utilization must be in (0, 1]")
+    if spec.serving.batch_scheduler_policy not in ("max_utilization", "guaranteed_no_evict"):
+        raise SpecError(f"{name}: serving.batch_scheduler_policy must be max_utilization or guaranteed_no_evict")
+    return spec
+
+
 def load_spec(path: str | Path) -> ModelSpec:
     """Read and check a model spec.
 
@@ -197,13 +222,7 @@ def load_spec(path: str | Path) -> ModelSpec:
     path = Path(path)
     with open(path, "rb") as fh:
         data = tomllib.load(fh)
-    spec = _build(ModelSpec, data, path.name)
-    if spec.vision.image_size % spec.vision.patch_size:
-        raise SpecError(f"{path.name}: vision.image_size must be a multiple of vision.patch_size")
-    if spec.audio.subsampling & (spec.audio.subsampling - 1):
-        raise SpecError(f"{path.name}: audio.subsampling must be a power of two")
-    if spec.serving.batch_scheduler_policy not in ("max_utilization", "guaranteed_no_evict"):
-        raise SpecError(f"{path.name}: serving.batch_scheduler_policy must be max_utilization or guaranteed_no_evict")
+    spec = _check(_build(ModelSpec, data, path.name), path.name)
     return dataclasses.replace(spec, source=path)
 
 
@@ -231,7 +250,7 @@ def with_overrides(spec: ModelSpec, overrides: dict[str, str]) -> ModelSpec:
         except tomllib.TOMLDecodeError:
             value = raw
         data[section][key] = value
-    return dataclasses.replace(_build(ModelSpec, data, "overrides"), source=spec.source)
+    return dataclasses.replace(_check(_build(ModelSpec, data, "overrides"), "overrides"), source=spec.source)
 
 
 def prompt_table_rows_per_request(spec: ModelSpec) -> int:

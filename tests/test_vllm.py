@@ -18,6 +18,7 @@ import pytest
 
 from build_engines.render import load_repository_configs, render_repository
 from mmtriton.engine import GenerationRequest
+from mmtriton.spec import SpecError
 from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 from mmtriton.vllm_engine import OutputFilter, sampling_kwargs
 
@@ -62,6 +63,25 @@ def test_gpu_vllm_repository_renders_and_names_its_engine(bundle_dir: Path, tmp_
     assert params["enforce_eager"] == "false" and params["tensor_parallel_size"] == "1"
     cpu = {k: v.string_value for k, v in load_repository_configs(render_repository(bundle_dir, tmp_path / "cpu", "cpu"))["tensorrt_llm"].parameters.items()}
     assert cpu["engine"] == "transformers" and "max_model_len" not in cpu
+
+
+def test_gpu_vllm_engine_settings_come_from_the_spec(bundle_dir: Path, tmp_path: Path) -> None:
+    overrides = {
+        "serving.tensor_parallel_size": "2",
+        "serving.gpu_memory_utilization": "0.7",
+        "serving.enforce_eager": "true",
+        "serving.enable_prefix_caching": "false",
+        "serving.stream_chunk_rate": "0",
+        "serving.max_batch_size": "5",
+    }
+    repo = render_repository(bundle_dir, tmp_path / "repo", "gpu-vllm", overrides=overrides)
+    config = load_repository_configs(repo)["tensorrt_llm"]
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert (params["tensor_parallel_size"], params["gpu_memory_utilization"]) == ("2", "0.7")
+    assert (params["enforce_eager"], params["enable_prefix_caching"], params["stream_chunk_rate"]) == ("true", "false", "0")
+    assert config.max_batch_size == 5  # vLLM's max_num_seqs
+    with pytest.raises(SpecError, match="tensor_parallel_size"):
+        render_repository(bundle_dir, tmp_path / "bad", "gpu-vllm", overrides={"serving.tensor_parallel_size": "0"})
 
 
 # ----------------------------------------------------------------------------- on a GPU
