@@ -18,8 +18,8 @@ import pytest
 
 from build_engines.render import load_repository_configs, render_repository
 from mmtriton.engine import GenerationRequest
-from mmtriton.spec import SpecError
 from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+from mmtriton.spec import SpecError
 from mmtriton.vllm_engine import OutputFilter, sampling_kwargs
 
 if TYPE_CHECKING:
