@@ -85,6 +85,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -130,23 +131,36 @@ def coalesce(first: Sequence[int], items: queue.SimpleQueue) -> tuple[list[int],
 
 
 def token_stream(
-    items: queue.SimpleQueue, wait: Callable[[], object], ended: list[bool]
+    items: queue.SimpleQueue,
+    wait: Callable[[], object],
+    ended: list[bool],
+    min_gap: Callable[[], float] | None = None,
 ) -> Iterator[list[int]]:
     """Yield a request's tokens from its queue, coalesced (:func:`coalesce`), until it ends.
 
     Shared by both engines' ``stream``. The queue holds token lists, then
     :data:`STREAM_END` or the exception that ended the request.
 
+    With ``min_gap``, consecutive chunks are at least ``min_gap()`` seconds apart:
+    tokens that arrive within the gap join the next chunk. The first chunk goes out
+    at once (time to first token is not delayed) and so do the last tokens when the
+    request ends inside a gap. This bounds the responses per second that go through
+    Triton (each one an IPC message, an ensemble step and a ``postprocessing``
+    request) when many requests stream at once.
+
     Args:
         items: The request's queue.
         wait: Blocks for the next item (an engine may raise from it when it stops).
         ended: Gets an entry when the request ended by itself (end or error), so the
             caller knows that a stream closed without one was abandoned.
+        min_gap: Seconds between chunks, asked before each chunk; None or ``<= 0``:
+            every chunk goes out as soon as the consumer takes it.
 
     Raises:
         BaseException: The exception that ended the request.
     """
     held: object = None  # an end or error found while coalescing, handled after the tokens
+    last_sent: float | None = None
     while True:
         item, held = (held, None) if held is not None else (wait(), None)
         if item is STREAM_END:
@@ -156,7 +170,28 @@ def token_stream(
             ended.append(True)
             raise item
         tokens, held = coalesce(item, items)
+        gap = min_gap() if (min_gap is not None and last_sent is not None) else 0.0
+        if gap > 0 and held is None:
+            held = _gather_until(tokens, items, last_sent + gap)
         yield tokens
+        last_sent = time.monotonic()
+
+
+def _gather_until(tokens: list[int], items: queue.SimpleQueue, deadline: float) -> object | None:
+    """Append token lists that arrive before ``deadline`` to ``tokens``.
+
+    Returns:
+        The first non-token item (end marker or error), which ends the wait early, or None.
+    """
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            more = items.get(timeout=left)
+        except queue.Empty:
+            return None
+        if not isinstance(more, list):
+            return more
+        tokens.extend(more)
+    return None
 
 
 class EngineError(RuntimeError):
@@ -499,7 +534,7 @@ class Engine:
             self._admit()
         return record.request_id
 
-    def stream(self, request_id: str) -> Iterator[list[int]]:
+    def stream(self, request_id: str, min_gap: Callable[[], float] | None = None) -> Iterator[list[int]]:
         """Yield a request's new tokens as they are generated.
 
         Each item holds the tokens produced since the previous item. The iterator ends
@@ -507,6 +542,7 @@ class Engine:
 
         Args:
             request_id: Id returned by :meth:`submit`.
+            min_gap: Seconds between chunks (see :func:`token_stream`); None: no pacing.
 
         Yields:
             Lists of new token ids (never empty).
@@ -523,12 +559,12 @@ class Engine:
             if record.stream_taken:
                 raise RuntimeError(f"request {request_id!r} is already being streamed")
             record.stream_taken = True
-        return self._stream(record)
+        return self._stream(record, min_gap)
 
-    def _stream(self, record: _Record) -> Iterator[list[int]]:
+    def _stream(self, record: _Record, min_gap: Callable[[], float] | None) -> Iterator[list[int]]:
         ended: list[bool] = []
         try:
-            yield from token_stream(record.items, lambda: self._next_item(record), ended)
+            yield from token_stream(record.items, lambda: self._next_item(record), ended, min_gap)
         finally:
             if not ended:
                 self.cancel(record.request_id)

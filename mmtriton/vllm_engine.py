@@ -27,7 +27,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,8 +231,12 @@ class VllmEngine:
         finally:
             record.done = True
 
-    def stream(self, request_id: str) -> Iterator[list[int]]:
+    def stream(self, request_id: str, min_gap: Callable[[], float] | None = None) -> Iterator[list[int]]:
         """Yield a request's new tokens; closing the iterator early cancels the request.
+
+        Args:
+            request_id: Id returned by :meth:`submit`.
+            min_gap: Seconds between chunks (see :func:`mmtriton.engine.token_stream`).
 
         Raises:
             KeyError: Unknown request id.
@@ -242,12 +246,12 @@ class VllmEngine:
             record = self._records.get(request_id)
             if record is None:
                 raise KeyError(f"unknown request id {request_id!r}")
-        return self._stream(request_id, record)
+        return self._stream(request_id, record, min_gap)
 
-    def _stream(self, request_id: str, record: _Record) -> Iterator[list[int]]:
+    def _stream(self, request_id: str, record: _Record, min_gap: Callable[[], float] | None) -> Iterator[list[int]]:
         ended: list[bool] = []
         try:
-            yield from token_stream(record.items, record.items.get, ended)
+            yield from token_stream(record.items, record.items.get, ended, min_gap)
         finally:
             if not ended:
                 self.cancel(request_id)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 
 from build_engines.render import load_repository_configs, render_repository
@@ -173,8 +176,6 @@ def _in_flight(server: "TritonServer") -> float:
 
 
 def _wait_idle(server: "TritonServer", deadline_s: float = 30.0) -> None:
-    import time
-
     end = time.monotonic() + deadline_s
     while _in_flight(server) != 0:
         assert time.monotonic() < end, "vLLM requests still in flight"
@@ -203,8 +204,6 @@ def test_vllm_concurrent_streams_each_equal_their_own_reference(servers: dict) -
 
 @pytest.mark.gpu
 def test_vllm_closed_stream_and_stop_free_the_slot(servers: dict) -> None:
-    import threading
-    import time
     import uuid
 
     from clients.llm import ChatClient, Sampling
@@ -246,3 +245,56 @@ def test_coalesce_joins_waiting_tokens_and_stops_at_the_end_marker() -> None:
         items.put(item)
     assert coalesce([1], items) == ([1, 2, 3, 4], "END")
     assert coalesce([8], items) == ([8, 9], None)
+
+
+def _paced(produce, gap: float) -> list[tuple[float, list[int]]]:
+    """Run ``produce(queue)`` in a thread and collect (arrival time, chunk) from a paced token_stream."""
+    import queue
+
+    from mmtriton.engine import token_stream
+
+    items: queue.SimpleQueue = queue.SimpleQueue()
+    producer = threading.Thread(target=produce, args=(items,))
+    producer.start()
+    chunks = [(time.monotonic(), chunk) for chunk in token_stream(items, items.get, [], lambda: gap)]
+    producer.join(10)
+    return chunks
+
+
+def test_paced_stream_keeps_chunks_apart_without_losing_or_delaying_tokens() -> None:
+    from mmtriton.engine import STREAM_END
+
+    started: list[float] = []
+
+    def produce(items) -> None:
+        started.append(time.monotonic())
+        for token in range(60):
+            items.put([token])
+            time.sleep(0.002)
+        items.put(STREAM_END)
+
+    gap = 0.025
+    chunks = _paced(produce, gap)
+    assert [t for _, chunk in chunks for t in chunk] == list(range(60))  # all tokens, in order
+    assert chunks[0][1] == [0]  # the first token is not held back for company
+    gaps = np.diff([at for at, _ in chunks])
+    # Each chunk after the first waits out the gap (1 ms for the clock's granularity); a chunk
+    # carries the tokens of its gap, so there are far fewer chunks than tokens.
+    assert gaps.min() >= gap - 0.001, gaps
+    assert len(chunks) < 60 / 3
+
+
+def test_paced_stream_sends_the_last_tokens_as_soon_as_the_request_ends() -> None:
+    from mmtriton.engine import STREAM_END
+
+    def produce(items) -> None:
+        items.put([1])
+        time.sleep(0.05)
+        items.put([2])
+        items.put(STREAM_END)
+
+    begin = time.monotonic()
+    chunks = _paced(produce, gap=30.0)
+    # Without the early end, the second chunk would wait out the 30 s gap.
+    assert [chunk for _, chunk in chunks] == [[1], [2]]
+    assert chunks[-1][0] - begin < 10.0

@@ -1,8 +1,11 @@
 """CPU-profile tensorrt_llm: the TensorRT-LLM tensor contract over mmtriton.engine (continuous batching).
 
 Decoupled: every request gets its responses from a worker thread that follows the
-engine's token stream. ``streaming=true`` sends each new token as it comes, then an
-empty final response; otherwise one response carries every generated token.
+engine's token stream. ``streaming=true`` sends new tokens as they come, then an
+empty final response; otherwise one response carries every generated token. With
+parameter ``stream_chunk_rate`` (responses per second over all streaming requests)
+a request's tokens that arrive within its share of that rate go out as one chunk;
+the first token is never held back.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ class TritonPythonModel:
                 device=params["device"],
             )
         self.engine.start()
+        # Streamed responses per second over all requests (0: one per engine step); each
+        # streaming request then sends a chunk at most every (streaming requests / rate) s.
+        self.stream_chunk_rate = float(params.get("stream_chunk_rate", "0"))
+        self.num_streaming = 0
         self.workers = ThreadPoolExecutor(max_workers=4 * self.max_batch_size + 4, thread_name_prefix="stream")
         self.by_triton_id: dict[str, str] = {}
         self.lock = threading.Lock()
@@ -137,13 +144,21 @@ class TritonPythonModel:
             ]
         )
 
+    def _chunk_gap(self) -> float:
+        """Seconds between two chunks of one streaming request under today's load."""
+        return self.num_streaming / self.stream_chunk_rate
+
     def _serve(self, request, engine_id: str, streaming: bool, num_input: int) -> None:
         sender = request.get_response_sender()
         triton_id = request.request_id()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         generated: list = []
+        paced = streaming and self.stream_chunk_rate > 0
+        if paced:
+            with self.lock:
+                self.num_streaming += 1
         try:
-            stream = self.engine.stream(engine_id)
+            stream = self.engine.stream(engine_id, self._chunk_gap if paced else None)
             for new in stream:
                 generated.extend(new)
                 if sender.is_cancelled():
@@ -163,6 +178,8 @@ class TritonPythonModel:
             sender.send(error_response(f"generation failed: {err}", "INTERNAL"), flags=final)
         finally:
             with self.lock:
+                if paced:
+                    self.num_streaming -= 1
                 if triton_id and self.by_triton_id.get(triton_id) == engine_id:
                     del self.by_triton_id[triton_id]
 
