@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--output-tokens", type=int, default=32, help="max_tokens of every request")
     load.add_argument("--image-share", type=float, default=0.25, help="share of requests with an image")
     load.add_argument("--audio-share", type=float, default=0.25, help="share of requests with an audio clip")
+    load.add_argument("--audio-seconds", type=float, help="length of every audio clip (default: a 2-4 s mix)")
     load.add_argument("--warmup", type=int, default=2, help="unmeasured requests before the first level")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--timeout", type=float, default=120.0, help="longest wait for one response (s)")
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         output_tokens=args.output_tokens,
         image_share=args.image_share,
         audio_share=args.audio_share,
+        audio_seconds=args.audio_seconds,
         warmup=args.warmup,
         seed=args.seed,
         timeout_s=args.timeout,

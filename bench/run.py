@@ -24,7 +24,7 @@ from bench.triton_stats import (
     server_info,
 )
 from bench.utilization import UtilizationSampler, host_copy_bandwidth_gbs, weight_bytes
-from bench.workload import BenchSettings, Workload, load_tokenizer
+from bench.workload import BenchSettings, Workload, load_tokenizer, max_prompt_tokens
 
 LOGGER = logging.getLogger(__name__)
 # The tensorrt_llm model pushes its engine counters to /metrics every 0.2 s.
@@ -153,8 +153,7 @@ def run_config(
     tokenizer_dir = tokenizer or info.tokenizer_dir
     if not tokenizer_dir or not Path(tokenizer_dir).exists():
         raise ValueError(f"tokenizer folder {tokenizer_dir!r} not found here: pass --tokenizer")
-    # Room for the chat template and up to 256 media rows (a 64-patch image + a few seconds of audio).
-    max_prompt = (info.max_input_len - 320) if info.max_input_len else settings.input_tokens * 4
+    max_prompt = max_prompt_tokens(info.max_input_len, settings.input_tokens)
     if settings.input_tokens > max_prompt:
         LOGGER.warning("prompts are capped at %d tokens (server max_input_len %s)", max_prompt, info.max_input_len)
     if info.fixed_length_input is None:

@@ -40,6 +40,7 @@ class BenchSettings:
         image_share: Probability that a request carries an image.
         audio_share: Probability that a request carries an audio clip (independent
             of the image: some carry both).
+        audio_seconds: Length of every clip (None: a mix of 2 to 4 s clips).
         warmup: Requests sent once per server before the first level, not measured.
         seed: Seed of the workload (prompts, lengths, media).
         timeout_s: Longest wait for any single response.
@@ -53,6 +54,7 @@ class BenchSettings:
     output_tokens: int = 32
     image_share: float = 0.25
     audio_share: float = 0.25
+    audio_seconds: float | None = None
     warmup: int = 2
     seed: int = 0
     timeout_s: float = 120.0
@@ -72,6 +74,8 @@ class BenchSettings:
         for name in ("image_share", "audio_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1]")
+        if self.audio_seconds is not None and self.audio_seconds <= 0:
+            raise ValueError("--audio-seconds must be > 0")
         if self.warmup < 0 or self.timeout_s <= 0:
             raise ValueError("--warmup must be >= 0 and --timeout > 0")
 
@@ -84,6 +88,8 @@ class BenchSettings:
             f"img{round(self.image_share * 100)}",
             f"aud{round(self.audio_share * 100)}",
         ]
+        if self.audio_seconds is not None:
+            parts.append(f"clip{self.audio_seconds:g}s")
         if self.requests is not None:
             parts.append(f"n{self.requests}")
         if self.duration_s is not None:
@@ -134,7 +140,7 @@ class Workload:
         self.settings = settings
         self.max_prompt_tokens = max(1, max_prompt_tokens)
         sizes = [(640, 480), (320, 240), (800, 600), (256, 256)]
-        seconds = [3.0, 2.0, 4.0, 2.5]
+        seconds = [3.0, 2.0, 4.0, 2.5] if settings.audio_seconds is None else [settings.audio_seconds]
         self.images = [
             encode_image(synthetic_image(*sizes[i % len(sizes)], seed=settings.seed + i), "JPEG")
             for i in range(media_pool)
@@ -182,6 +188,15 @@ class Workload:
                     if self.count_tokens(" ".join(out)) >= target:
                         return " ".join(out)
             n_words *= 2
+
+
+def max_prompt_tokens(max_input_len: int | None, input_tokens: int) -> int:
+    """Longest user text a workload asks for, given the server's ``max_input_len``.
+
+    Leaves 320 positions for the chat template and media rows (the limit itself still
+    applies server-side); without a known limit, four times the mean length.
+    """
+    return (max_input_len - 320) if max_input_len else input_tokens * 4
 
 
 def load_tokenizer(path: str | Path) -> Any:

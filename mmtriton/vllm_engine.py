@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtriton.engine import STREAM_END, EngineError, GenerationRequest, token_stream
+from mmtriton.vllm_stats import VllmBatchStats
 
 LOGGER = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ class VllmEngine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._cancelled = 0
+        self._batch_stats = VllmBatchStats()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
         self._engine: Any = None
@@ -169,10 +171,13 @@ class VllmEngine:
             model=str(self.model_dir),
             skip_tokenizer_init=True,  # ids in, ids out: the contract's postprocessing detokenizes
             enable_prompt_embeds=True,
+            # vLLM's own periodic log stays off; the stat logger below turns the engine's stats on.
             disable_log_stats=True,
+            # Each step's batch (prefill chunks included) in SchedulerStats.iteration_details.
+            enable_logging_iteration_details=True,
             **self.settings,
         )
-        self._engine = AsyncLLM.from_engine_args(args)
+        self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[self._batch_stats])
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Abort what runs, shut vLLM down and end the loop thread."""
@@ -271,13 +276,13 @@ class VllmEngine:
     # ------------------------------------------------------------------ statistics
 
     def step_batch_sizes(self) -> dict[int, int]:
-        """Not measured for vLLM (its own scheduler statistics are not bridged yet)."""
-        return {}
+        """Sequences in an engine step -> number of steps (vLLM's scheduler statistics)."""
+        return self._batch_stats.step_batch_sizes()
 
     @property
     def max_batch_size_seen(self) -> int:
-        """Not measured for vLLM (see :meth:`step_batch_sizes`)."""
-        return 0
+        """The most sequences vLLM ran in one engine step."""
+        return self._batch_stats.max_batch_size_seen
 
     @property
     def num_in_flight(self) -> int:
@@ -287,8 +292,8 @@ class VllmEngine:
 
     @property
     def num_pending(self) -> int:
-        """vLLM queues internally; requests waiting there count as in flight here."""
-        return 0
+        """Requests waiting in vLLM's scheduler after its latest step (no batch slot yet)."""
+        return self._batch_stats.num_waiting
 
     @property
     def num_cancelled(self) -> int:

@@ -1,0 +1,226 @@
+"""Served gpu-vllm against vLLM in-process, one GPU, one run: tables, ratios and plots.
+
+Reads what ``tools/vllm_measure.sh`` leaves in its output folder:
+
+- ``inprocess.json`` (:mod:`bench.vllm_inprocess`): the anchor;
+- ``served*/report.json`` (:mod:`bench` against the served gpu-vllm repository,
+  paced streaming): the product;
+- ``unpaced/report.json``: the same server with every engine step streamed
+  (``stream_chunk_rate=0``), which shows what per-token responses cost;
+- ``before/report.json``: the same engine with one sequence at a time;
+- ``hf/report.json``: today's transformers engine (gpu-hf profile), same workload.
+
+Writes ``vllm-report.json``, ``vllm-report.md`` and ``vllm-served-vs-inprocess.png``.
+The issue's targets are printed beside each ratio: served tok/s >= 0.9x in-process
+at c >= 16, served P99 <= 1.2x, ITL at c=1 <= 1.5x the weight-read floor, MBU at
+c=32 >= 55%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+TARGETS = {"tok_s_ratio": 0.9, "p99_ratio": 1.2, "itl_floor_ratio": 1.5, "mbu_pct": 55.0}
+
+
+def _levels(report: Path) -> dict[int, dict[str, Any]]:
+    """``{concurrency: level}`` of every config in a bench ``report.json`` (later files win)."""
+    data = json.loads(report.read_text())
+    out = {}
+    for config in data["configs"]:
+        for level in config["levels"]:
+            out[level["concurrency"]] = level
+    return out
+
+
+def _served(folder: Path, name: str) -> dict[int, dict[str, Any]]:
+    levels: dict[int, dict[str, Any]] = {}
+    for report in sorted(folder.glob(f"{name}*/report.json")):
+        levels.update(_levels(report))
+    return levels
+
+
+def _row(level: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The figures of one served level, flat."""
+    if level is None:
+        return None
+    s = level["stats"]
+    return {
+        "tok_s": s["output_tokens_per_s"],
+        "req_s": s["requests_per_s"],
+        "latency_avg_s": s["latency_avg_s"],
+        "p99_s": s["latency_p99_s"],
+        "ttft_ms": s["ttft_avg_s"] * 1e3,
+        "ttft_p99_ms": s["ttft_p99_s"] * 1e3,
+        "itl_ms": s["itl_avg_s"] * 1e3,
+        "itl_p99_ms": s["itl_p99_s"] * 1e3,
+        "mean_batch": level["engine"].get("mean_batch"),
+        "mbu_pct": level.get("model_bandwidth_utilization_pct"),
+        "gpu_util_pct": level["utilization"].get("mean_pct"),
+        "errors": s["errors"],
+        "models": level.get("models", {}),
+    }
+
+
+def _anchor_row(level: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tok_s": level["output_tokens_per_s"],
+        "req_s": level["requests_per_s"],
+        "latency_avg_s": level["latency_avg_s"],
+        "p99_s": level["latency_p99_s"],
+        "ttft_ms": level["ttft_avg_s"] * 1e3,
+        "ttft_p99_ms": level["ttft_p99_s"] * 1e3,
+        "itl_ms": level["itl_avg_s"] * 1e3,
+        "itl_p99_ms": level["itl_p99_s"] * 1e3,
+    }
+
+
+def build(folder: Path, floor_ms: float | None) -> dict[str, Any]:
+    """Join the run's files into one comparison (see the module docstring)."""
+    anchor = json.loads((folder / "inprocess.json").read_text())
+    inproc = {lv["concurrency"]: _anchor_row(lv) for lv in anchor["levels"]}
+    served = {c: _row(lv) for c, lv in _served(folder, "served").items()}
+    unpaced = {c: _row(lv) for c, lv in _served(folder, "unpaced").items()}
+    before = {c: _row(lv) for c, lv in _served(folder, "before").items()}
+    hf = {c: _row(lv) for c, lv in _served(folder, "hf").items()}
+    rows = []
+    for c in sorted(inproc):
+        a, s, u = inproc[c], served.get(c), unpaced.get(c)
+        row: dict[str, Any] = {"concurrency": c, "inprocess": a, "served": s, "unpaced": u}
+        if s is not None:
+            row["tok_s_ratio"] = s["tok_s"] / a["tok_s"]
+            row["p99_ratio"] = s["p99_s"] / a["p99_s"]
+        if u is not None:
+            row["unpaced_tok_s_ratio"] = u["tok_s"] / a["tok_s"]
+            row["unpaced_p99_ratio"] = u["p99_s"] / a["p99_s"]
+        rows.append(row)
+    served_report = next(iter(sorted(folder.glob("served*/report.json"))), None)
+    meta = json.loads(served_report.read_text()) if served_report else {}
+    return {
+        "hardware": meta.get("hardware"),
+        "versions": {**meta.get("versions", {}), "vllm": anchor.get("vllm")},
+        "engine_args": anchor.get("engine_args"),
+        "workload": anchor.get("workload"),
+        "weight_read_floor_ms": floor_ms,
+        "targets": TARGETS,
+        "levels": rows,
+        "before": before,
+        "hf": hf,
+    }
+
+
+def _f(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The comparison as Markdown tables."""
+    hw = report.get("hardware") or {}
+    lines = [
+        "# Served gpu-vllm vs vLLM in-process",
+        "",
+        f"GPU: {hw.get('gpu_model')} (driver {hw.get('driver_version')}); versions: "
+        + ", ".join(f"{k} {v}" for k, v in sorted((report.get("versions") or {}).items()) if v),
+        "",
+        f"Engine settings (both sides): `{json.dumps(report.get('engine_args'))}`.",
+        "",
+        "| c | in-process tok/s | served tok/s | ratio | in-process P99 (s) | served P99 (s) | ratio "
+        "| TTFT in-process / served (ms) | ITL in-process / served (ms) | served MBU | mean batch | NVML util |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["levels"]:
+        a, s = row["inprocess"], row["served"] or {}
+        lines.append(
+            f"| {row['concurrency']} | {a['tok_s']:.0f} | {_f(s.get('tok_s'), '.0f')} | {_f(row.get('tok_s_ratio'), '.2f')} "
+            f"| {a['p99_s']:.2f} | {_f(s.get('p99_s'), '.2f')} | {_f(row.get('p99_ratio'), '.2f')} "
+            f"| {a['ttft_ms']:.0f} / {_f(s.get('ttft_ms'), '.0f')} | {a['itl_ms']:.2f} / {_f(s.get('itl_ms'), '.2f')} "
+            f"| {_f(s.get('mbu_pct'), '.1f')}% | {_f(s.get('mean_batch'), '.1f')} | {_f(s.get('gpu_util_pct'), '.0f')}% |"
+        )
+    floor = report.get("weight_read_floor_ms")
+    c1 = next((r for r in report["levels"] if r["concurrency"] == 1), None)
+    if floor and c1 and c1["served"]:
+        lines += ["", f"ITL at c=1: served {c1['served']['itl_ms']:.2f} ms = "
+                  f"{c1['served']['itl_ms'] / floor:.2f}x the weight-read floor of {floor:.2f} ms "
+                  f"(in-process {c1['inprocess']['itl_ms'] / floor:.2f}x)."]
+    if any(r.get("unpaced") for r in report["levels"]):
+        lines += ["", "Every engine step streamed (`stream_chunk_rate=0`), same server otherwise:", "",
+                  "| c | tok/s | ratio to in-process | P99 (s) | ratio | postprocessing requests | their queue (ms) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in report["levels"]:
+            u = row.get("unpaced")
+            if not u:
+                continue
+            post = u["models"].get("postprocessing", {})
+            lines.append(
+                f"| {row['concurrency']} | {u['tok_s']:.0f} | {row['unpaced_tok_s_ratio']:.2f} | {u['p99_s']:.2f} "
+                f"| {row['unpaced_p99_ratio']:.2f} | {post.get('success', 'n/a')} | {_f(post.get('queue_ms'), '.2f')} |"
+            )
+    lines += ["", "Before / after (served, same workload): one sequence at a time vs in-flight batching; "
+              "today's transformers engine beside them.", "",
+              "| engine | c | avg latency (s) | QPS | NVML util | P99 (s) | output tok/s | MBU |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    served = {r["concurrency"]: r["served"] for r in report["levels"] if r["served"]}
+    for label, levels in (("vLLM, one sequence at a time (before)", report["before"]),
+                          ("vLLM, in-flight batching (after)", {c: served[c] for c in report["before"] if c in served}),
+                          ("transformers continuous batching", report["hf"])):
+        for c, r in sorted(levels.items()):
+            lines.append(
+                f"| {label} | {c} | {r['latency_avg_s']:.2f} | {r['req_s']:.2f} | {_f(r['gpu_util_pct'], '.0f')}% "
+                f"| {r['p99_s']:.2f} | {r['tok_s']:.0f} | {_f(r['mbu_pct'], '.1f')}% |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Throughput and P99 against concurrency: in-process, served, unpaced, transformers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tp, ax_lat) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = {
+        "vLLM in-process": {r["concurrency"]: r["inprocess"] for r in report["levels"]},
+        "served gpu-vllm": {r["concurrency"]: r["served"] for r in report["levels"] if r["served"]},
+        "served, every step streamed": {r["concurrency"]: r["unpaced"] for r in report["levels"] if r.get("unpaced")},
+        "served transformers engine": report["hf"],
+    }
+    for label, levels in series.items():
+        if not levels:
+            continue
+        cs = sorted(levels)
+        ax_tp.plot(cs, [levels[c]["tok_s"] for c in cs], "o-", label=label)
+        ax_lat.plot(cs, [levels[c]["p99_s"] for c in cs], "o-", label=label)
+    ax_tp.set(xlabel="concurrent requests", ylabel="output tokens/s", title="Throughput")
+    ax_lat.set(xlabel="concurrent requests", ylabel="P99 latency (s)", title="P99 latency")
+    for ax in (ax_tp, ax_lat):
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    ax_tp.legend(fontsize=8)
+    hw = report.get("hardware") or {}
+    fig.suptitle(f"9B shape, 512+-32 in / 256 out, 1/4 image, 1/4 10 s clip - {hw.get('gpu_model')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: build the report from a ``tools/vllm_measure.sh`` output folder."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--floor-ms", type=float, help="weight-read floor: weight bytes / copy bandwidth (ms)")
+    args = parser.parse_args(argv)
+    report = build(args.folder, args.floor_ms)
+    (args.folder / "vllm-report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.folder / "vllm-report.md").write_text(markdown(report))
+    plot(report, args.folder / "vllm-served-vs-inprocess.png")
+    sys.stdout.write(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
