@@ -39,7 +39,7 @@ def _levels(report: Path) -> dict[int, dict[str, Any]]:
 
 def _served(folder: Path, name: str) -> dict[int, dict[str, Any]]:
     levels: dict[int, dict[str, Any]] = {}
-    for report in sorted(folder.glob(f"{name}*/report.json")):
+    for report in sorted(folder.glob(f"{name}*/**/report.json")):
         levels.update(_levels(report))
     return levels
 
@@ -98,7 +98,7 @@ def build(folder: Path, floor_ms: float | None) -> dict[str, Any]:
             row["unpaced_tok_s_ratio"] = u["tok_s"] / a["tok_s"]
             row["unpaced_p99_ratio"] = u["p99_s"] / a["p99_s"]
         rows.append(row)
-    served_report = next(iter(sorted(folder.glob("served*/report.json"))), None)
+    served_report = next(iter(sorted(folder.glob("served*/**/report.json"))), None)
     meta = json.loads(served_report.read_text()) if served_report else {}
     return {
         "hardware": meta.get("hardware"),

@@ -1,35 +1,127 @@
 #!/usr/bin/env bash
-# Served gpu-vllm vs vLLM's own AsyncLLM in-process, 9B-shaped random weights, one GPU.
-# Run on a GPU host after tools/gpu_host.sh install and the vLLM wheels (see the README).
-# Same workload both sides: text-only token-id prompts, 512 +-32 in, 256 out (ignore_eos).
-#   tools/vllm_measure.sh OUT_DIR [CONCURRENCY]
+# Served gpu-vllm against vLLM's own AsyncLLM in-process on one GPU, in one run (issue 13's measurement).
+# Run on a GPU host after `tools/gpu_host.sh install` and the vLLM wheels (docs/gpu-hosts.md).
+#
+#   tools/vllm_measure.sh OUT_DIR [STEP...]
+#
+# Steps (default: all, in this order; each leaves its files in OUT_DIR):
+#   bundle     the 9B-shaped random-weight bundle, built on the GPU (skipped when present)
+#   bandwidth  device copy bandwidth (read + write) and the weight-read floor -> bandwidth.json
+#   inprocess  the anchor: bench.vllm_inprocess on the served repository's settings -> inprocess.json
+#   served     the product: tritonserver on the gpu-vllm repository, bench c=1 and c=16,32,64 -> served-*/
+#   unpaced    the same server with stream_chunk_rate=0 (every engine step streamed), c=16,32 -> unpaced/
+#   before     the same engine with one sequence at a time (max_batch_size 1), c=16 -> before/
+#   hf         today's transformers engine (gpu-hf profile), c=32 -> hf/
+#   report     bench.vllm_report: vllm-report.{json,md} and the plot
+#
+# Workload everywhere: 512 +-32 prompt tokens, 256 output tokens (ignore_eos), greedy, a quarter of
+# the requests with an image, a quarter with a 10 s clip; TP=1 (the spec's TP is overridden).
+# Each tritonserver is started by this script (python -m mmtriton.server, ports 18000-18002) and
+# stopped by its own pid before the next one starts.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:?output folder}
-CONC=${2:-16,32}
+shift
+STEPS=${*:-bundle bandwidth inprocess served unpaced before hf report}
 WORK=${WORK:-/tmp/mm-work}
 PY=${PYTHON:-python3}
+BUNDLE=$WORK/bundles/glm4-9b-shape
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 log() { echo "[vllm_measure $(date +%H:%M:%S)] $*" >&2; }
-if [ ! -f "$WORK/bundles/glm4-9b-shape/bundle.json" ]; then
-  log "building the 9B-shaped bundle on the GPU"
-  "$PY" -m build_engines bundle --spec "$ROOT/build_engines/specs/glm4-9b-shape.toml" --out "$WORK/bundles/glm4-9b-shape" --device cuda
-fi
-log "in-process AsyncLLM"
-"$PY" -m bench.vllm_inprocess --model "$WORK/bundles/glm4-9b-shape/llm" --max-num-seqs 64 --max-model-len 2560 \
-  --concurrency "$CONC" --requests 64 --out "$OUT/inprocess.json" 2>&1 | grep -v "^INFO\|^WARNING\|^(EngineCore" | tail -20
-log "served gpu-vllm"
-"$PY" -m build_engines render --bundle "$WORK/bundles/glm4-9b-shape" --profile gpu-vllm --out "$WORK/repo-9b-vllm"
-"$PY" -m mmtriton.server --model-repository "$WORK/repo-9b-vllm" --work-dir "$WORK/server-vllm" \
-  --http-port 18000 --grpc-port 18001 --metrics-port 18002 > "$OUT/server.log" 2>&1 &
-SERVER=$!
-trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 600); do
-  curl -sf localhost:18000/v2/health/ready >/dev/null 2>&1 && break
-  kill -0 $SERVER 2>/dev/null || { tail -40 "$OUT/server.log"; exit 1; }
-  sleep 1
+
+WORKLOAD=(--input-tokens 512 --input-spread 32 --output-tokens 256 --image-share 0.25 --audio-share 0.25
+  --audio-seconds 10)
+C1_REQUESTS=${C1_REQUESTS:-16}
+REQUESTS=${REQUESTS:-128}
+
+render() {  # render NAME PROFILE [--set k=v ...]
+  local name=$1 profile=$2
+  shift 2
+  "$PY" -m build_engines render --bundle "$BUNDLE" --profile "$profile" --out "$WORK/repo-$name" \
+    --set serving.tensor_parallel_size=1 "$@" >/dev/null
+}
+
+SERVER=
+serve_start() {  # serve_start NAME
+  log "starting tritonserver on repo-$1"
+  "$PY" -m mmtriton.server --model-repository "$WORK/repo-$1" --work-dir "$WORK/server-$1" \
+    --http-port 18000 --grpc-port 18001 --metrics-port 18002 > "$OUT/server-$1.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 900); do
+    curl -sf localhost:18000/v2/health/ready >/dev/null 2>&1 && { log "ready"; return 0; }
+    kill -0 "$SERVER" 2>/dev/null || { tail -40 "$OUT/server-$1.log"; exit 1; }
+    sleep 1
+  done
+  log "server not ready in 900 s"; exit 1
+}
+serve_stop() {
+  [ -n "$SERVER" ] || return 0
+  kill -TERM "$SERVER" 2>/dev/null || true
+  wait "$SERVER" 2>/dev/null || true
+  SERVER=
+}
+trap serve_stop EXIT
+
+bandwidth_args() {
+  "$PY" -c "import json; print(json.load(open('$OUT/bandwidth.json'))['copy_bandwidth_gbs'])"
+}
+
+bench() {  # bench RESULTS_DIR CONCURRENCY REQUESTS
+  "$PY" -m bench --url localhost:18001 --metrics-url http://localhost:18002/metrics --concurrency "$2" \
+    --requests "$3" "${WORKLOAD[@]}" --warmup 4 --timeout 900 --copy-bandwidth-gbs "$(bandwidth_args)" \
+    --results-dir "$OUT/$1" 2>&1 | grep -E "^\[|tok/s|Error|error" | tail -8
+}
+
+for step in $STEPS; do
+  log "step $step"
+  case $step in
+    bundle)
+      [ -f "$BUNDLE/bundle.json" ] || "$PY" -m build_engines bundle --spec "$ROOT/build_engines/specs/glm4-9b-shape.toml" \
+        --out "$BUNDLE" --device cuda ;;
+    bandwidth)
+      "$PY" - "$BUNDLE/llm" "$OUT/bandwidth.json" <<'EOF'
+import json, sys
+import torch
+from bench.decode import copy_bandwidth
+from bench.utilization import weight_bytes
+bw = copy_bandwidth()
+weights = weight_bytes(sys.argv[1])
+out = {"gpu": torch.cuda.get_device_name(0), "copy_bandwidth_gbs": bw / 1e9, "weight_bytes": weights,
+       "weight_read_floor_ms": weights / bw * 1e3}
+json.dump(out, open(sys.argv[2], "w"), indent=1)
+print(out)
+EOF
+      ;;
+    inprocess)
+      render vllm gpu-vllm
+      "$PY" -m bench.vllm_inprocess --repo "$WORK/repo-vllm" --concurrency 1,16,32,64 \
+        --requests "$C1_REQUESTS,$REQUESTS,$REQUESTS,$REQUESTS" "${WORKLOAD[@]}" --out "$OUT/inprocess.json" 2>&1 \
+        | grep -E "^in-process|Error" ;;
+    served)
+      render vllm gpu-vllm
+      serve_start vllm
+      bench served-c1 1 "$C1_REQUESTS"
+      bench served 16,32,64 "$REQUESTS"
+      serve_stop ;;
+    unpaced)
+      render vllm-unpaced gpu-vllm --set serving.stream_chunk_rate=0
+      serve_start vllm-unpaced
+      bench unpaced 16,32 "$REQUESTS"
+      serve_stop ;;
+    before)
+      render vllm-bs1 gpu-vllm --set serving.max_batch_size=1
+      serve_start vllm-bs1
+      bench before 16 32
+      serve_stop ;;
+    hf)
+      render hf gpu-hf
+      serve_start hf
+      bench hf 32 32
+      serve_stop ;;
+    report)
+      "$PY" -m bench.vllm_report "$OUT" --floor-ms "$("$PY" -c "import json; print(json.load(open('$OUT/bandwidth.json'))['weight_read_floor_ms'])")" ;;
+    *) log "unknown step $step"; exit 2 ;;
+  esac
 done
-"$PY" -m bench --url localhost:18001 --metrics-url http://localhost:18002/metrics --concurrency "$CONC" --requests 64 \
-  --input-tokens 512 --input-spread 32 --output-tokens 256 --image-share 0 --audio-share 0 --warmup 4 \
-  --results-dir "$OUT/served" 2>&1 | tail -25
