@@ -20,7 +20,7 @@ PROMPT ?= Describe the picture and answer the question in the recording.
 BENCH_ARGS ?= --concurrency 1,4,16 --requests 64 --input-tokens 96 --input-spread 16 --output-tokens 32 \
 	--image-share 0.25 --audio-share 0.25 --warmup 4
 
-.PHONY: help setup build-engines samples serve embed chat demo test bench bench-url clean gpu-plan gpu-image gpu-engines gpu-up monitoring-up check-deploy
+.PHONY: help setup build-engines samples serve embed chat demo test bench bench-url clean gpu-plan gpu-image gpu-engines gpu-up gpu-vllm-image gpu-vllm-up monitoring-up check-deploy
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-15s %s\n", $$1, $$2}'
@@ -94,6 +94,16 @@ gpu-engines: setup ## GPU host: build the bundle (host), then engines, encoder p
 
 gpu-up: ## GPU host: serve with TP=2 (mpirun leader mode) on ports 8000/8001/8002
 	SPEC_NAME=$(GPU_SPEC_NAME) docker compose up -d triton
+
+# gpu-vllm: GPUs reserved = the spec's [serving] tensor_parallel_size (1 when the spec leaves it out).
+GPU_VLLM_TP := $(or $(shell sed -n 's/^tensor_parallel_size = \([0-9][0-9]*\).*/\1/p' $(GPU_SPEC)),1)
+
+gpu-vllm-image: ## GPU host: build the vLLM serving image (Dockerfile.vllm: Triton 25.11 + vLLM 0.26.0 + DALI backend)
+	docker compose --profile vllm build triton-vllm
+
+gpu-vllm-up: setup ## GPU host: bundle (host), render the gpu-vllm repository and serve it on tensor_parallel_size GPUs
+	$(PY) -m build_engines bundle --spec $(GPU_SPEC) --out $(GPU_BUNDLE)
+	SPEC_NAME=$(GPU_SPEC_NAME) VLLM_GPUS=$(GPU_VLLM_TP) docker compose --profile vllm up -d triton-vllm
 
 monitoring-up: ## GPU host: Prometheus (:9090) and Grafana (:3000) with the Triton dashboard
 	docker compose --profile monitoring up -d

@@ -83,6 +83,7 @@ def llm_steps(image: bool, audio: bool) -> tuple[Step, ...]:
     """
     pre_in = {
         "QUERY": "text_input",
+        "MESSAGES": c.CHAT_MESSAGES,
         "REQUEST_OUTPUT_LEN": "max_tokens",
         "STOP_WORDS_DICT": "stop_words",
         "TEMPERATURE": "temperature",

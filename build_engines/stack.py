@@ -1,9 +1,10 @@
-"""The pinned upstream stack of the gpu-trtllm profile (``build_engines/stack.toml``).
+"""The pinned upstream stacks of the GPU images (``build_engines/stack.toml``).
 
 One file names the Triton images, the TensorRT-LLM and TensorRT versions and
-where their tools live inside the image. ``build_engines.trtllm_build`` takes its tool
-paths from here; the tests check that ``Dockerfile`` and ``docker-compose.yml``
-use exactly these images, so a version bump is one edit plus a green test run.
+where their tools live inside the image (gpu-trtllm profile), and the vLLM image's
+base, torch stack and wheel set (gpu-vllm profile). ``build_engines.trtllm_build`` takes its tool
+paths from here; the tests check that ``Dockerfile``, ``Dockerfile.vllm`` and ``docker-compose.yml``
+use exactly these images and versions, so a version bump is one edit plus a green test run.
 """
 
 from __future__ import annotations
@@ -73,6 +74,39 @@ class MonitoringStack:
 
 
 @dataclass(frozen=True)
+class VllmStack:
+    """The gpu-vllm profile image: Triton base, vLLM, the torch stack and the pins checked at build time.
+
+    Attributes:
+        requirements: File (repository root) listing vLLM and its wheel set, installed with ``--no-deps``.
+        wheels: How many pinned lines that file has (the reference wheel set's count).
+        flashinfer_sampler: Value of ``VLLM_USE_FLASHINFER_SAMPLER`` in the image.
+        tag: Name of the image compose builds.
+    """
+
+    version: str
+    image: str
+    dali_source_image: str
+    release: str
+    python: str
+    cuda: str
+    driver: str
+    torch: str
+    torchvision: str
+    torchaudio: str
+    torch_cuda: str
+    torch_index: str
+    numpy: str
+    scipy: str
+    transformers: str
+    tritonclient: str
+    requirements: str
+    wheels: str
+    flashinfer_sampler: str
+    tag: str
+
+
+@dataclass(frozen=True)
 class Stack:
     """Everything ``stack.toml`` pins."""
 
@@ -82,6 +116,7 @@ class Stack:
     cuda: CudaStack
     python_packages: PythonPackages
     monitoring: MonitoringStack
+    vllm: VllmStack
 
 
 _TABLES: dict[str, type] = {
@@ -91,6 +126,7 @@ _TABLES: dict[str, type] = {
     "cuda": CudaStack,
     "python_packages": PythonPackages,
     "monitoring": MonitoringStack,
+    "vllm": VllmStack,
 }
 
 

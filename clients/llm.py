@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from mmtriton.contract import LLM_MODEL, chat_ensemble, stop_request_values
+from mmtriton.contract import CHAT_MESSAGES, LLM_MODEL, chat_ensemble, stop_request_values
 from clients.errors import (
     ClientError,
     InferenceFailedError,
@@ -138,13 +138,52 @@ def ensemble_for(has_image: bool, has_audio: bool) -> str:
     return chat_ensemble(has_image, has_audio)
 
 
-def request_values(prompt: str, image: bytes | None, audio: bytes | None, sampling: Sampling, stream: bool) -> dict[str, Any]:
-    """The chat ensembles' input tensors for one request, as numpy arrays with a batch dim of 1."""
+def conversation_json(messages: list[dict[str, Any]], enable_thinking: bool | None = None) -> str:
+    """The ``messages`` input for a conversation: roles and content, media as ``{"type": "image"|"audio"}`` parts.
+
+    Args:
+        messages: ``{"role": "system"|"user"|"assistant", "content": str | [parts]}`` dicts;
+            a part is ``{"type": "text", "text": ...}``, ``{"type": "image"}`` or ``{"type": "audio"}``
+            (the image and clip themselves travel as the ``image`` / ``audio`` inputs).
+        enable_thinking: Passed to the chat template when not None.
+    """
+    payload: dict[str, Any] = {"messages": messages}
+    if enable_thinking is not None:
+        payload["enable_thinking"] = enable_thinking
+    return json.dumps(payload, ensure_ascii=False)
+
+
+def request_values(
+    prompt: str | None,
+    image: bytes | None,
+    audio: bytes | None,
+    sampling: Sampling,
+    stream: bool,
+    messages: str | None = None,
+) -> dict[str, Any]:
+    """The chat ensembles' input tensors for one request, as numpy arrays with a batch dim of 1.
+
+    Args:
+        prompt: One user turn (``text_input``); None when ``messages`` is given.
+        image: Encoded image bytes, or None.
+        audio: Encoded audio bytes, or None.
+        sampling: Sampling inputs.
+        stream: Stream the answer token by token.
+        messages: A whole conversation (:func:`conversation_json`) instead of ``prompt``.
+
+    Raises:
+        ClientError: Both or neither of ``prompt`` and ``messages``.
+    """
+    if (prompt is None) == (messages is None):
+        raise ClientError("give either a prompt or messages, not both or neither")
     values: dict[str, Any] = {
-        "text_input": np.array([[prompt.encode("utf-8")]], dtype=np.object_),
         "max_tokens": np.array([[sampling.max_tokens]], dtype=np.int32),
         "stream": np.array([[stream]], dtype=bool),
     }
+    if prompt is not None:
+        values["text_input"] = np.array([[prompt.encode("utf-8")]], dtype=np.object_)
+    else:
+        values[CHAT_MESSAGES] = np.array([[messages.encode("utf-8")]], dtype=np.object_)
     if image is not None:
         values["image"] = np.frombuffer(image, dtype=np.uint8).reshape(1, -1)
     if audio is not None:
@@ -187,14 +226,18 @@ class ChatClient:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | None,
         *,
         image: bytes | None = None,
         audio: bytes | None = None,
         sampling: Sampling | None = None,
         request_id: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
     ) -> Iterator[Chunk]:
         """Yield the answer piece by piece as the server generates it.
+
+        ``messages`` (a conversation, see :func:`conversation_json`) replaces ``prompt``
+        (then None): the server renders every turn with the chat template.
 
         Raises:
             InvalidInputError: The server rejected an input (the message names it), also when
@@ -204,7 +247,8 @@ class ChatClient:
             ClientError: Any other failure.
         """
         model = ensemble_for(image is not None, audio is not None)
-        values = request_values(prompt, image, audio, sampling or Sampling(), stream=True)
+        conversation = None if messages is None else conversation_json(messages)
+        values = request_values(prompt, image, audio, sampling or Sampling(), stream=True, messages=conversation)
         rid = request_id or uuid.uuid4().hex
         if self.protocol == "grpc":
             yield from self._grpc(model, values, rid)
@@ -213,7 +257,7 @@ class ChatClient:
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | None,
         *,
         image: bytes | None = None,
         audio: bytes | None = None,
@@ -221,14 +265,17 @@ class ChatClient:
         stream: bool = True,
         request_id: str | None = None,
         on_chunk: Callable[[Chunk], None] | None = None,
+        messages: list[dict[str, Any]] | None = None,
     ) -> Answer:
         """Return the whole answer, with time to first token and total time.
 
         With ``stream=False`` the server sends one response holding every token.
-        ``on_chunk`` sees each piece as it arrives (e.g. to print it).
+        ``on_chunk`` sees each piece as it arrives (e.g. to print it). ``messages``
+        replaces ``prompt`` as in :meth:`stream`.
         """
         model = ensemble_for(image is not None, audio is not None)
-        values = request_values(prompt, image, audio, sampling or Sampling(), stream=stream)
+        conversation = None if messages is None else conversation_json(messages)
+        values = request_values(prompt, image, audio, sampling or Sampling(), stream=stream, messages=conversation)
         rid = request_id or uuid.uuid4().hex
         answer = Answer()
         start = time.perf_counter()

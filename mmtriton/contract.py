@@ -27,6 +27,7 @@ AUDIO_EMBEDDINGS = "audio_embeddings"
 # TensorRT-LLM's "ensemble" model.
 CHAT_INPUTS = (
     "text_input",
+    "messages",
     "max_tokens",
     "temperature",
     "top_k",
@@ -36,6 +37,11 @@ CHAT_INPUTS = (
     "stop_words",
     "ignore_eos",
 )
+#: The optional alternative to ``text_input``: a whole conversation as UTF-8 JSON
+#: (``{"messages": [{"role": ..., "content": str | [parts]}], "enable_thinking": bool}``;
+#: media parts are ``{"type": "image"}`` / ``{"type": "audio"}``), rendered once with the
+#: tokenizer's chat template by the ``preprocessing`` model (``mmtriton.prompting``).
+CHAT_MESSAGES = "messages"
 CHAT_OUTPUTS = ("text_output", "output_ids", "num_input_tokens", "num_output_tokens")
 
 # The LLM step (TensorRT-LLM 1.2.1's Triton contract) and the inputs of its ``stop``

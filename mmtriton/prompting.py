@@ -6,10 +6,17 @@ The chat template comes from the tokenizer in the bundle. Each ``<image>`` /
 appearance, and the rows are concatenated into ``prompt_embedding_table``
 (FP16 ``[rows, hidden]``) with ``prompt_vocab_size = rows``. This is the
 prompt-tuning contract of the TensorRT-LLM Triton backend.
+
+A request carries either one user turn (``text_input``, :meth:`PromptBuilder.build`)
+or a whole conversation (``messages``, :meth:`PromptBuilder.build_conversation`):
+system, user and assistant turns as JSON, whose image and audio parts become
+the placeholders where the parts were. Either way the chat template is applied
+once, here, so a client never renders it and the engine sees one prompt.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +67,96 @@ def parse_stop_words(tensor: np.ndarray) -> list[list[int]]:
             words.append(ids[start:end])
         start = end
     return words
+
+
+#: Roles a conversation may hold (the OpenAI chat roles the chat templates know).
+ROLES = ("system", "user", "assistant")
+#: Media part types and the embeddings they stand for.
+MEDIA_PARTS = ("image", "audio")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A parsed ``messages`` input.
+
+    Attributes:
+        messages: ``{"role", "content"}`` dicts whose content is plain text with the
+            image/audio placeholders where the media parts were.
+        images: How many image parts the conversation has.
+        audios: How many audio parts the conversation has.
+        enable_thinking: Passed to the chat template when set (templates that know it
+            switch a reasoning mode on or off; others ignore it).
+    """
+
+    messages: list[dict[str, str]]
+    images: int
+    audios: int
+    enable_thinking: bool | None = None
+
+
+def parse_conversation(raw: str | bytes, image_token: str, audio_token: str) -> Conversation:
+    """Check the ``messages`` JSON and render each turn's parts to text with placeholders.
+
+    The payload is ``{"messages": [...], "enable_thinking": bool}`` (the flag optional).
+    A message's ``content`` is a string or a list of parts: ``{"type": "text", "text": ...}``,
+    ``{"type": "image"}`` or ``{"type": "audio"}``. Parts of one message are joined with a
+    newline, so one user turn ``[image, audio, text]`` renders exactly as ``text_input``
+    with its media in front does. Placeholder text inside a text part is refused: media
+    travel as parts, never as text a user could forge.
+
+    Args:
+        raw: The UTF-8 JSON.
+        image_token: The image placeholder.
+        audio_token: The audio placeholder.
+
+    Returns:
+        The conversation, ready for the chat template.
+
+    Raises:
+        InputError: Not JSON, wrong shape, an unknown role or part type, placeholder text.
+    """
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError("messages", f"not valid JSON ({err.__class__.__name__}: {err})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("messages"), list) or not payload["messages"]:
+        raise InputError("messages", 'must be a JSON object {"messages": [...]} with at least one message')
+    thinking = payload.get("enable_thinking")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise InputError("messages", "enable_thinking must be true, false or absent")
+    tokens = {"image": image_token, "audio": audio_token}
+    counts = {"image": 0, "audio": 0}
+    rendered: list[dict[str, str]] = []
+    for i, message in enumerate(payload["messages"]):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            role = message.get("role") if isinstance(message, dict) else None
+            raise InputError("messages", f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if content is None:
+            parts = []
+        if not isinstance(parts, list):
+            raise InputError("messages", f"{where}.content must be a string or a list of parts")
+        texts: list[str] = []
+        for j, part in enumerate(parts):
+            kind = part.get("type") if isinstance(part, dict) else None
+            at = f"{where}.content" if isinstance(content, str) else f"{where}.content[{j}]"
+            if kind == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise InputError("messages", f"{at}: a text part needs a string 'text'")
+                for token in tokens.values():
+                    if token in text:
+                        raise InputError("messages", f"{at}: contains {token}; send media as image/audio parts")
+                texts.append(text)
+            elif kind in MEDIA_PARTS:
+                counts[kind] += 1
+                texts.append(tokens[kind])
+            else:
+                raise InputError("messages", f"{at}: part type {kind!r} is not text, image or audio")
+        rendered.append({"role": message["role"], "content": "\n".join(texts)})
+    return Conversation(rendered, counts["image"], counts["audio"], thinking)
 
 
 @dataclass(frozen=True)
@@ -165,6 +262,46 @@ class PromptBuilder:
         ids = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=False
         )
+        return self._expand(ids, image_embeddings, audio_embeddings, "text_input")
+
+    def build_conversation(
+        self,
+        raw: str | bytes,
+        image_embeddings: np.ndarray | None = None,
+        audio_embeddings: np.ndarray | None = None,
+    ) -> Prompt:
+        """Build the engine inputs of a whole conversation (the ``messages`` input).
+
+        Args:
+            raw: The ``messages`` JSON (see :func:`parse_conversation`).
+            image_embeddings: ``[rows, hidden]`` from ``vision_encoder``, if an image was sent.
+            audio_embeddings: ``[rows, hidden]`` from ``audio_encoder``, if audio was sent.
+
+        Returns:
+            The prompt with fake ids and its table.
+
+        Raises:
+            InputError: A malformed conversation, more than one image or clip, media parts
+                and media sent that do not match, or a prompt over ``max_input_len``.
+        """
+        conv = parse_conversation(raw, self.image_token, self.audio_token)
+        for name, parts, sent in (("image", conv.images, image_embeddings), ("audio", conv.audios, audio_embeddings)):
+            if parts > 1:
+                raise InputError("messages", f"has {parts} {name} parts; one {name} per request is supported")
+            if parts and sent is None:
+                raise InputError("messages", f"has an {name} part but no {name} was sent")
+            if not parts and sent is not None:
+                raise InputError("messages", f"an {name} was sent but no message has an {name} part")
+        extra = {} if conv.enable_thinking is None else {"enable_thinking": conv.enable_thinking}
+        ids = self.tokenizer.apply_chat_template(
+            conv.messages, add_generation_prompt=True, tokenize=True, return_dict=False, **extra
+        )
+        return self._expand(ids, image_embeddings, audio_embeddings, "messages")
+
+    def _expand(
+        self, ids: list[int], image_embeddings: np.ndarray | None, audio_embeddings: np.ndarray | None, source: str
+    ) -> Prompt:
+        """Replace each placeholder id by its fake ids and gather the prompt table; check the length."""
         media = {self.image_id: image_embeddings, self.audio_id: audio_embeddings}
         out: list[int] = []
         rows: list[np.ndarray] = []
@@ -185,7 +322,7 @@ class PromptBuilder:
         if len(out) > self.max_input_len:
             media_rows = len(out) - text_tokens
             raise InputError(
-                "text_input",
+                source,
                 f"prompt is {len(out)} tokens ({text_tokens} text + {media_rows} image/audio), "
                 f"over the engine's max input length of {self.max_input_len}",
             )

@@ -13,12 +13,16 @@ from mmtriton.stub_watchdog import exit_with_parent
 from mmtriton.validation import InputError
 
 
+def _text(tensor: np.ndarray) -> str:
+    value = tensor.reshape(-1)[0]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 class TritonPythonModel:
     """Builds input ids, the prompt table and the engine's sampling inputs for each request."""
 
     def initialize(self, args: dict) -> None:
         exit_with_parent()
-        
         params = model_parameters(args)
         self.builder = PromptBuilder(
             Path(params["tokenizer_dir"]),
@@ -33,8 +37,9 @@ class TritonPythonModel:
         self.pad_id = int(params["pad_id"])
 
     def _one(self, request) -> pb_utils.InferenceResponse:
-        text = optional_input(request, "QUERY").reshape(-1)[0]
-        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        query, messages = optional_input(request, "QUERY"), optional_input(request, "MESSAGES")
+        if (query is None) == (messages is None):
+            raise InputError("text_input", "send either text_input (one user turn) or messages (a conversation), not both or neither")
         max_tokens = int(scalar_input(request, "REQUEST_OUTPUT_LEN"))
         check_sampling(
             max_tokens=max_tokens,
@@ -43,9 +48,11 @@ class TritonPythonModel:
             top_p=scalar_input(request, "TOP_P"),
             limits=self.limits,
         )
-        prompt = self.builder.build(
-            text, optional_input(request, "IMAGE_EMBEDDINGS"), optional_input(request, "AUDIO_EMBEDDINGS")
-        )
+        media = optional_input(request, "IMAGE_EMBEDDINGS"), optional_input(request, "AUDIO_EMBEDDINGS")
+        if messages is not None:
+            prompt = self.builder.build_conversation(_text(messages), *media)
+        else:
+            prompt = self.builder.build(_text(query), *media)
         stop = optional_input(request, "STOP_WORDS_DICT")
         words = [] if stop is None else [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in stop.reshape(-1)]
         outputs = {
