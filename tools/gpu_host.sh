@@ -10,7 +10,10 @@
 #   tools/gpu_host.sh install           join the pieces if any, pip install them (no index) into the
 #                                       interpreter's own site-packages: the python backend stubs of
 #                                       tritonserver import from there, ahead of PYTHONPATH
-#   tools/gpu_host.sh checks            tiny bundle: pytest -m gpu (GPU vs CPU preprocessing, served
+#   tools/gpu_host.sh install-vllm      vLLM 0.26.0 and its 91 wheels (../shared/reference list) from the
+#                                       pieces in $VLLM_WHEELS/parts, --no-deps, then numpy 1.26.4 + scipy
+#                                       1.17.1 from $WHEELS again (the python backend stub needs numpy<2)
+#   tools/gpu_host.sh checks            tiny bundles: pytest -m gpu (GPU vs CPU preprocessing, served
 #                                       gpu-hf profile greedy tokens vs the cpu profile)
 #   tools/gpu_host.sh preprocess        preprocessing samples/s: raw DALI GPU, served, CPU path
 #   tools/gpu_host.sh decode            9B-shaped bundle (built on the GPU); decode step vs weight-read floor
@@ -25,6 +28,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WHEELS=${WHEELS:-/tmp/mm-wheels}
+VLLM_WHEELS=${VLLM_WHEELS:-/tmp/vllm-wheels}
 WORK=${WORK:-/tmp/mm-work}
 RESULTS=${RESULTS:-$WORK/results}
 PY=${PYTHON:-python3}
@@ -54,13 +58,27 @@ print(f"transformers {transformers.__version__} dali {nvidia.dali.__version__}")
 EOF
 }
 
+step_install_vllm() {
+  mkdir -p "$VLLM_WHEELS/parts"
+  if compgen -G "$VLLM_WHEELS/parts/part-*" >/dev/null; then
+    cat "$VLLM_WHEELS"/parts/part-* | tar -x -C "$VLLM_WHEELS"
+    log "joined $(ls "$VLLM_WHEELS"/parts | wc -l) vLLM pieces"
+  fi
+  # --no-deps: pip's resolver trips on vLLM's numba / mistral-common pins; the set is complete.
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$VLLM_WHEELS"/*.whl
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --force-reinstall \
+    "$WHEELS"/numpy-1.26.4-*.whl "$WHEELS"/scipy-1.17.1-*.whl
+  "$PY" -c "import vllm, numpy, scipy, torch; print('vllm', vllm.__version__, 'numpy', numpy.__version__, \
+'scipy', scipy.__version__, 'torch', torch.__version__)"
+}
+
 tiny_bundle() {
   "$PY" -m build_engines bundle --spec "$ROOT/build_engines/specs/tiny.toml" --out "$WORK/bundles/tiny-mm"
 }
 
 step_checks() {
   tiny_bundle
-  (cd "$ROOT" && MMTRITON_BUILD="$WORK" "$PY" -m pytest tests/test_gpu.py -m gpu -v -s -p no:cacheprovider \
+  (cd "$ROOT" && MMTRITON_BUILD="$WORK" "$PY" -m pytest tests -m gpu -v -s -p no:cacheprovider \
     --junitxml="$RESULTS/gpu-checks.xml") 2>&1 | tee "$RESULTS/checks.log"
 }
 
@@ -136,11 +154,12 @@ step_pack() {
 }
 
 cd "$ROOT"
-step=${1:?usage: tools/gpu_host.sh receive|install|checks|preprocess|decode|serve|pack|all}
+step=${1:?usage: tools/gpu_host.sh receive|install|install-vllm|checks|preprocess|decode|serve|pack|all}
 shift
 case "$step" in
   receive) step_receive "$@" ;;
   install) step_install ;;
+  install-vllm) step_install_vllm ;;
   checks) step_checks ;;
   preprocess) step_preprocess ;;
   decode) step_decode ;;
