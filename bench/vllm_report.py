@@ -5,8 +5,8 @@ Reads what ``tools/vllm_measure.sh`` leaves in its output folder:
 - ``inprocess.json`` (:mod:`bench.vllm_inprocess`): the anchor;
 - ``served*/report.json`` (:mod:`bench` against the served gpu-vllm repository,
   paced streaming): the product;
-- ``unpaced/report.json``: the same server with every engine step streamed
-  (``stream_chunk_rate=0``), which shows what per-token responses cost;
+- ``unpaced-rate<R>/report.json``: the same server with ``stream_chunk_rate=R``
+  (0: every engine step streamed), which shows what per-token responses cost;
 - ``before/report.json``: the same engine with one sequence at a time;
 - ``hf/report.json``: today's transformers engine (gpu-hf profile), same workload.
 
@@ -84,19 +84,23 @@ def build(folder: Path, floor_ms: float | None) -> dict[str, Any]:
     anchor = json.loads((folder / "inprocess.json").read_text())
     inproc = {lv["concurrency"]: _anchor_row(lv) for lv in anchor["levels"]}
     served = {c: _row(lv) for c, lv in _served(folder, "served").items()}
-    unpaced = {c: _row(lv) for c, lv in _served(folder, "unpaced").items()}
+    variants = {
+        path.name.removeprefix("unpaced-"): {c: _row(lv) for c, lv in _served(folder, path.name).items()}
+        for path in sorted(folder.glob("unpaced-rate*"))
+    }
     before = {c: _row(lv) for c, lv in _served(folder, "before").items()}
     hf = {c: _row(lv) for c, lv in _served(folder, "hf").items()}
     rows = []
     for c in sorted(inproc):
-        a, s, u = inproc[c], served.get(c), unpaced.get(c)
-        row: dict[str, Any] = {"concurrency": c, "inprocess": a, "served": s, "unpaced": u}
+        a, s = inproc[c], served.get(c)
+        row: dict[str, Any] = {"concurrency": c, "inprocess": a, "served": s, "variants": {}}
         if s is not None:
             row["tok_s_ratio"] = s["tok_s"] / a["tok_s"]
             row["p99_ratio"] = s["p99_s"] / a["p99_s"]
-        if u is not None:
-            row["unpaced_tok_s_ratio"] = u["tok_s"] / a["tok_s"]
-            row["unpaced_p99_ratio"] = u["p99_s"] / a["p99_s"]
+        for name, levels in variants.items():
+            u = levels.get(c)
+            if u is not None:
+                row["variants"][name] = {**u, "tok_s_ratio": u["tok_s"] / a["tok_s"], "p99_ratio": u["p99_s"] / a["p99_s"]}
         rows.append(row)
     served_report = next(iter(sorted(folder.glob("served*/**/report.json"))), None)
     meta = json.loads(served_report.read_text()) if served_report else {}
@@ -146,19 +150,33 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"ITL at c=1: served {c1['served']['itl_ms']:.2f} ms = "
                   f"{c1['served']['itl_ms'] / floor:.2f}x the weight-read floor of {floor:.2f} ms "
                   f"(in-process {c1['inprocess']['itl_ms'] / floor:.2f}x)."]
-    if any(r.get("unpaced") for r in report["levels"]):
-        lines += ["", "Every engine step streamed (`stream_chunk_rate=0`), same server otherwise:", "",
-                  "| c | tok/s | ratio to in-process | P99 (s) | ratio | postprocessing requests | their queue (ms) |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
+    variants = sorted({name for r in report["levels"] for name in r["variants"]})
+    if variants:
+        lines += ["", "Other `stream_chunk_rate` values (0: every engine step is one response), same server otherwise; "
+                  "the served rows above use the spec's rate:", "",
+                  "| rate | c | tok/s | ratio to in-process | P99 (s) | ratio | ITL P99 (ms) "
+                  "| postprocessing requests | their queue (ms) | their compute (ms) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name in variants:
+            for row in report["levels"]:
+                u = row["variants"].get(name)
+                if not u:
+                    continue
+                post = u["models"].get("postprocessing", {})
+                lines.append(
+                    f"| {name.removeprefix('rate')} | {row['concurrency']} | {u['tok_s']:.0f} | {u['tok_s_ratio']:.2f} "
+                    f"| {u['p99_s']:.2f} | {u['p99_ratio']:.2f} | {u['itl_p99_ms']:.1f} | {post.get('success', 'n/a')} "
+                    f"| {_f(post.get('queue_ms'), '.2f')} | {_f(post.get('compute_infer_ms'), '.2f')} |"
+                )
+        lines += ["", "The served rows' own postprocessing figures:", "",
+                  "| c | postprocessing requests | their queue (ms) | their compute (ms) | ITL P99 (ms) |",
+                  "|---:|---:|---:|---:|---:|"]
         for row in report["levels"]:
-            u = row.get("unpaced")
-            if not u:
-                continue
-            post = u["models"].get("postprocessing", {})
-            lines.append(
-                f"| {row['concurrency']} | {u['tok_s']:.0f} | {row['unpaced_tok_s_ratio']:.2f} | {u['p99_s']:.2f} "
-                f"| {row['unpaced_p99_ratio']:.2f} | {post.get('success', 'n/a')} | {_f(post.get('queue_ms'), '.2f')} |"
-            )
+            s = row["served"]
+            if s:
+                post = s["models"].get("postprocessing", {})
+                lines.append(f"| {row['concurrency']} | {post.get('success', 'n/a')} | {_f(post.get('queue_ms'), '.2f')} "
+                             f"| {_f(post.get('compute_infer_ms'), '.2f')} | {s['itl_p99_ms']:.1f} |")
     lines += ["", "Before / after (served, same workload): one sequence at a time vs in-flight batching; "
               "today's transformers engine beside them.", "",
               "| engine | c | avg latency (s) | QPS | NVML util | P99 (s) | output tok/s | MBU |",
@@ -186,9 +204,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     series = {
         "vLLM in-process": {r["concurrency"]: r["inprocess"] for r in report["levels"]},
         "served gpu-vllm": {r["concurrency"]: r["served"] for r in report["levels"] if r["served"]},
-        "served, every step streamed": {r["concurrency"]: r["unpaced"] for r in report["levels"] if r.get("unpaced")},
         "served transformers engine": report["hf"],
     }
+    for name in sorted({n for r in report["levels"] for n in r["variants"]}):
+        label = "served, every step streamed" if name == "rate0" else f"served, stream_chunk_rate {name[4:]}"
+        series[label] = {r["concurrency"]: r["variants"][name] for r in report["levels"] if name in r["variants"]}
     for label, levels in series.items():
         if not levels:
             continue

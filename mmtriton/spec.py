@@ -125,7 +125,7 @@ class ServingSpec:
     gpu_memory_utilization: float = 0.85  # vLLM: share of GPU memory for weights, activations, KV cache
     enforce_eager: bool = False  # vLLM: True turns CUDA graphs off
     enable_prefix_caching: bool = True  # vLLM: reuse KV blocks of shared prompt prefixes
-    stream_chunk_rate: int = 2000  # streamed responses per second over all requests; 0 = every step
+    stream_chunk_rate: int = 1000  # streamed responses per second over all requests; 0 = every step
 
 
 @dataclass(frozen=True)

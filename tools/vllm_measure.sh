@@ -9,7 +9,8 @@
 #   bandwidth  device copy bandwidth (read + write) and the weight-read floor -> bandwidth.json
 #   inprocess  the anchor: bench.vllm_inprocess on the served repository's settings -> inprocess.json
 #   served     the product: tritonserver on the gpu-vllm repository, bench c=1 and c=16,32,64 -> served-*/
-#   unpaced    the same server with stream_chunk_rate=0 (every engine step streamed), c=16,32 -> unpaced/
+#   unpaced    the same server with other stream_chunk_rate values (PACE_RATES, default "0": every engine
+#              step streamed), c=16,32,64 -> unpaced-rate<R>/
 #   before     the same engine with one sequence at a time (max_batch_size 1), c=16 -> before/
 #   hf         today's transformers engine (gpu-hf profile), c=32 -> hf/
 #   report     bench.vllm_report: vllm-report.{json,md} and the plot
@@ -106,10 +107,12 @@ EOF
       bench served 16,32,64 "$REQUESTS"
       serve_stop ;;
     unpaced)
-      render vllm-unpaced gpu-vllm --set serving.stream_chunk_rate=0
-      serve_start vllm-unpaced
-      bench unpaced 16,32 "$REQUESTS"
-      serve_stop ;;
+      for rate in ${PACE_RATES:-0}; do
+        render "vllm-rate$rate" gpu-vllm --set "serving.stream_chunk_rate=$rate"
+        serve_start "vllm-rate$rate"
+        bench "unpaced-rate$rate" 16,32,64 "$REQUESTS"
+        serve_stop
+      done ;;
     before)
       render vllm-bs1 gpu-vllm --set serving.max_batch_size=1
       serve_start vllm-bs1
