@@ -115,6 +115,8 @@ class ChatCompletionRequest(BaseModel):
     ``enable_thinking`` and ``return_reasoning`` are what OpenAI clients send through
     ``extra_body`` for reasoning models: ``enable_thinking`` (also read from
     ``chat_template_kwargs``) goes to the chat template; ``return_reasoning`` is accepted.
+    ``top_k`` and ``ignore_eos`` (every answer runs to ``max_tokens``: benchmarks) are
+    extensions in vLLM's dialect.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -130,6 +132,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = None
+    ignore_eos: bool | None = None
     enable_thinking: bool | None = None
     return_reasoning: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -171,6 +174,7 @@ def sampling_of(req: ChatCompletionRequest, max_output_len: int) -> Sampling:
         top_p=top_p,
         seed=req.seed,
         stop_words=tuple(s for s in stops if s),
+        ignore_eos=bool(req.ignore_eos),
     )
 
 

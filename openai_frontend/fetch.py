@@ -78,10 +78,10 @@ def _address_refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> 
     for check, name in (
         ("is_loopback", "a loopback address"),
         ("is_link_local", "a link-local address"),
-        ("is_private", "a private address"),
+        ("is_unspecified", "an unspecified address"),
         ("is_multicast", "a multicast address"),
         ("is_reserved", "a reserved address"),
-        ("is_unspecified", "an unspecified address"),
+        ("is_private", "a private address"),
     ):
         if getattr(address, check):
             return name
@@ -126,7 +126,8 @@ def check_url(url: str, policy: FetchPolicy) -> tuple[urllib.parse.SplitResult, 
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%")[0])
         reason = _address_refusal(address)
-        explicitly_allowed = str(address) in policy.allowed_hosts and address not in METADATA_ADDRESSES
+        # Only the URL's own IP literal, written in the allowlist, unlocks a refused address.
+        explicitly_allowed = host == str(address) and address not in METADATA_ADDRESSES
         if reason and not explicitly_allowed:
             raise FetchError(f"host {host!r} resolves to {address}, {reason}; refused")
         addresses.append(str(address))

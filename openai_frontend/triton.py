@@ -108,9 +108,14 @@ class TritonChat:
                     raise _typed(response.error_message)
                 result = InferResult(response.infer_response)
                 chunk = grpc_chunk(result)
+                final = response.infer_response.parameters["triton_final_response"].bool_param
+                LOGGER.debug(
+                    "%s: response %s tokens=%s final=%s", request_id, None if chunk is None else repr(chunk.text),
+                    None if chunk is None else chunk.num_output_tokens, final,
+                )
                 if chunk is not None:
                     yield chunk
-                if response.infer_response.parameters["triton_final_response"].bool_param:
+                if final:
                     finished = True
                     return
             finished = True

@@ -1,0 +1,273 @@
+"""The front door's URL fetcher and content-part parsing, in-process (loopback listeners only).
+
+Refused URLs are shown to make no connection at all: a loopback listener records
+every connection it accepts, and host names are pointed at chosen addresses by
+replacing ``socket.getaddrinfo`` (no DNS server is involved).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from openai_frontend.errors import APIError
+from openai_frontend.fetch import FetchError, FetchPolicy, fetch_url
+from openai_frontend.media import MediaLimits, parse_messages
+
+
+class Listener:
+    """A loopback TCP listener that records the connections it accepts and closes them."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    lst = Listener()
+    yield lst
+    lst.close()
+
+
+class BodyServer:
+    """A loopback HTTP server: ``/ok.png`` (small body), ``/big`` (streamed, no length),
+    ``/declared`` (a Content-Length over any limit), ``/redirect?to=URL``. It counts the
+    body bytes it managed to send."""
+
+    def __init__(self, body: bytes = b"\x89PNG fake", big_total: int = 64 * 1024 * 1024) -> None:
+        outer = self
+        self.sent = 0
+        self.requests: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                outer.requests.append(self.path)
+                if self.path == "/ok.png":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                elif self.path.startswith("/redirect?to="):
+                    self.send_response(302)
+                    self.send_header("Location", self.path.split("=", 1)[1])
+                    self.end_headers()
+                elif self.path == "/declared":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(big_total))
+                    self.end_headers()
+                    self._pump(big_total)
+                else:  # /big: no Content-Length, the body just keeps coming
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.end_headers()
+                    self._pump(big_total)
+
+            def _pump(self, total: int) -> None:
+                block = b"\0" * 65536
+                try:
+                    while outer.sent < total:
+                        self.wfile.write(block)
+                        outer.sent += len(block)
+                except OSError:
+                    pass  # the fetcher hung up: what the test wants to see
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.big_total = big_total
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def body_server() -> Iterator[BodyServer]:
+    srv = BodyServer()
+    yield srv
+    srv.close()
+
+
+def _resolve_to(monkeypatch: pytest.MonkeyPatch, names: dict[str, str]) -> None:
+    """Point host names at addresses for this test, as a DNS server could."""
+    real = socket.getaddrinfo
+
+    def fake(host: str, port: int, *args: object, **kwargs: object) -> list:
+        if host in names:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (names[host], port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+
+
+def test_fetching_is_off_by_default(listener: Listener) -> None:
+    with pytest.raises(FetchError, match="fetching URLs is disabled"):
+        fetch_url(f"http://127.0.0.1:{listener.port}/a.png", 1000, FetchPolicy())
+    assert listener.accepted == 0
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("127.0.0.1", "a loopback address"),
+        ("10.0.0.1", "a private address"),
+        ("169.254.169.254", "a cloud metadata address"),
+        ("192.168.1.20", "a private address"),
+        ("0.0.0.0", "an unspecified address"),
+    ],
+)
+def test_allowlisted_names_that_resolve_inside_are_refused_before_connecting(
+    monkeypatch: pytest.MonkeyPatch, listener: Listener, address: str, reason: str
+) -> None:
+    _resolve_to(monkeypatch, {"media.example": address})
+    policy = FetchPolicy(enabled=True, allowed_hosts=frozenset({"media.example"}))
+    with pytest.raises(FetchError, match=f"resolves to {address}, {reason}; refused"):
+        fetch_url(f"http://media.example:{listener.port}/a.png", 1000, policy)
+    assert listener.accepted == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://127.0.0.1:{port}/a.png", "host '127.0.0.1' is not on this server's URL allowlist"),
+        ("http://10.0.0.1:{port}/a.png", "host '10.0.0.1' is not on this server's URL allowlist"),
+        ("http://169.254.169.254/latest/meta-data/", "host '169.254.169.254' is not on this server's URL allowlist"),
+        ("file:///etc/passwd", "URL scheme 'file' is not allowed"),
+        ("ftp://127.0.0.1:{port}/a.png", "URL scheme 'ftp' is not allowed"),
+        ("http://localhost:{port}/a.png", "resolves to"),  # allowlisted by name, loopback by address
+    ],
+)
+def test_refused_urls_make_no_connection(listener: Listener, url: str, message: str) -> None:
+    policy = FetchPolicy(enabled=True, allowed_hosts=frozenset({"localhost"}))
+    with pytest.raises(FetchError, match=message):
+        fetch_url(url.format(port=listener.port), 1000, policy)
+    assert listener.accepted == 0
+
+
+def test_metadata_address_stays_refused_even_when_listed() -> None:
+    policy = FetchPolicy(enabled=True, allowed_hosts=frozenset({"169.254.169.254"}))
+    with pytest.raises(FetchError, match="a cloud metadata address"):
+        fetch_url("http://169.254.169.254/latest/meta-data/", 1000, policy)
+
+
+def test_explicit_loopback_literal_fetches(body_server: BodyServer) -> None:
+    policy = FetchPolicy(enabled=True, allowed_hosts=frozenset({"127.0.0.1"}))
+    got = fetch_url(f"http://127.0.0.1:{body_server.port}/ok.png", 1000, policy)
+    assert got.data == b"\x89PNG fake" and got.content_type == "image/png"
+
+
+@pytest.mark.parametrize("path", ["/big", "/declared"])
+def test_byte_limit_stops_the_body_early(body_server: BodyServer, path: str) -> None:
+    policy = FetchPolicy(enabled=True, allowed_hosts=frozenset({"127.0.0.1"}))
+    with pytest.raises(FetchError, match="over the limit of 100000 bytes"):
+        fetch_url(f"http://127.0.0.1:{body_server.port}{path}", 100_000, policy)
+    body_server.close()  # waits for the handler: every byte it could push is counted
+    # Only what the socket buffers took before the hang-up was sent, far from the 64 MiB body.
+    assert body_server.sent < body_server.big_total // 4
+
+
+def test_each_redirect_is_checked_again(monkeypatch: pytest.MonkeyPatch, body_server: BodyServer, listener: Listener) -> None:
+    _resolve_to(monkeypatch, {"inside.example": "10.0.0.1"})
+    policy = FetchPolicy(enabled=True, allowed_hosts=frozenset({"127.0.0.1", "inside.example"}))
+    base = f"http://127.0.0.1:{body_server.port}"
+    # To an allowed place: followed.
+    assert fetch_url(f"{base}/redirect?to=/ok.png", 1000, policy).data == b"\x89PNG fake"
+    # To the metadata address, a name that resolves inside, another scheme: refused at that hop.
+    for target, message in [
+        ("http://169.254.169.254/latest/meta-data/", "not on this server's URL allowlist"),
+        (f"http://inside.example:{listener.port}/x", "resolves to 10.0.0.1, a private address"),
+        ("file:///etc/passwd", "URL scheme 'file'"),
+    ]:
+        with pytest.raises(FetchError, match=message):
+            fetch_url(f"{base}/redirect?to={target}", 1000, policy)
+    assert listener.accepted == 0
+    # A redirect loop ends after max_redirects.
+    loop = f"{base}/redirect?to={base}/redirect?to={base}/redirect?to={base}/redirect?to={base}/ok.png"
+    with pytest.raises(FetchError, match="more than 2 redirects"):
+        fetch_url(loop, 1000, FetchPolicy(enabled=True, allowed_hosts=frozenset({"127.0.0.1"}), max_redirects=2))
+
+
+def _no_fetch(url: str, max_bytes: int, param: str) -> object:
+    raise AssertionError("no URL should be fetched")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!not base64!!!"}}],
+         "messages[0].content[0]: image data is not valid base64"),
+        ([{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGVsbG8="}}],
+         "messages[0].content[1]: unsupported image type 'text/plain'; supported: image/jpeg, image/png, image/webp"),
+        ([{"type": "input_audio", "input_audio": {"data": "aGVsbG8=", "format": "mp3"}}],
+         "messages[0].content[0]: unsupported audio format 'mp3'; supported: wav, flac, ogg"),
+        ([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"x" * 2001).decode()}}],
+         "messages[0].content[0]: image is 2001 bytes, over the limit of 2000 bytes per image"),
+        ([{"type": "input_audio", "input_audio": {"data": base64.b64encode(b"x" * 9000).decode(), "format": "wav"}}],
+         "messages[0].content[0]: audio is about 9000 bytes, over the limit of 3000 bytes per audio"),
+        ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}] * 2,
+         "messages[0].content[1]: too many images: at most 1 image per request"),
+        ([{"type": "file", "file": {}}],
+         "messages[0].content[0]: content part type 'file' is not supported"),
+    ],
+)
+def test_bad_parts_name_message_part_and_limit(content: list, message: str) -> None:
+    limits = MediaLimits(image_max_bytes=2000, audio_max_bytes=3000)
+    with pytest.raises(APIError) as err:
+        asyncio.run(parse_messages([{"role": "user", "content": content}], limits, _no_fetch))
+    assert err.value.status == 400
+    assert err.value.message.startswith(message), err.value.message
+    assert err.value.param and err.value.param.startswith("messages[0].content[")
+
+
+def test_parts_become_placeholders_in_place() -> None:
+    png = base64.b64encode(b"\x89PNG...").decode()
+    wav = base64.b64encode(b"RIFF....WAVE").decode()
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": wav, "format": "WAV"}}, {"type": "text", "text": "and this?"}]},
+    ]
+    parsed = asyncio.run(parse_messages(messages, MediaLimits(), _no_fetch))
+    assert parsed.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image"}]},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "and this?"}]},
+    ]
+    assert parsed.image == b"\x89PNG..." and parsed.audio == b"RIFF....WAVE"
+    assert (parsed.image_param, parsed.audio_param) == ("messages[1].content[1]", "messages[3].content[0]")

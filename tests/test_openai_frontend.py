@@ -1,0 +1,402 @@
+"""The OpenAI front door (``python -m openai_frontend``) against the real CPU server, loopback only.
+
+The front door runs as its own process, started the way a user starts it. Its answers
+are compared with :class:`clients.llm.ChatClient` over gRPC for the same request (greedy,
+so they must be equal), and its ``usage`` with the ensembles' own token counts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.triton_stats import metric_sum, scrape_metrics
+from clients.embed import embed
+from clients.llm import ChatClient, Sampling, conversation_json
+from mmtriton.prompting import PromptBuilder
+from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+from mmtriton.server import TritonServer
+from tests.bad_inputs import corrupt_png_data
+from tests.conftest import ROOT
+from tests.test_openai_fetch import BodyServer, Listener
+
+START_TIMEOUT_S = 60.0
+
+
+class FrontDoor:
+    """``python -m openai_frontend`` in a process of its own, on a port it picks; stopped by its pid."""
+
+    def __init__(self, triton_url: str, bundle: Path, work: Path, *extra: str) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        port_file = work / "port"
+        port_file.unlink(missing_ok=True)
+        self.log_path = work / "frontend.log"
+        self.log = self.log_path.open("w")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "openai_frontend", "--triton-url", triton_url, "--bundle", str(bundle),
+             "--port", "0", "--port-file", str(port_file), "--log-level", "debug", *extra],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        end = time.monotonic() + START_TIMEOUT_S
+        while not port_file.exists() or not port_file.read_text().strip():
+            if self.process.poll() is not None or time.monotonic() > end:
+                self.stop()
+                raise RuntimeError(f"front door did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.1)
+        self.url = f"http://127.0.0.1:{int(port_file.read_text())}"
+        while True:
+            try:
+                httpx.get(f"{self.url}/v1/models", timeout=5).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if self.process.poll() is not None or time.monotonic() > end:
+                    self.stop()
+                    raise RuntimeError(f"front door did not answer:\n{self.log_path.read_text()}") from None
+                time.sleep(0.1)
+
+    def metrics(self) -> dict[str, float]:
+        from bench.triton_stats import parse_metrics
+
+        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def frontend(grpc_url: str, bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FrontDoor]:
+    """URL fetching on, with only the name ``localhost`` allowlisted (it resolves to loopback: refused)."""
+    door = FrontDoor(grpc_url, bundle_dir, tmp_path_factory.mktemp("frontend"), "--allow-url-fetch", "--url-allow-host", "localhost")
+    yield door
+    door.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(frontend: FrontDoor) -> "openai.OpenAI":
+    import openai
+
+    return openai.OpenAI(base_url=f"{frontend.url}/v1", api_key="EMPTY", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def client(grpc_url: str) -> ChatClient:
+    return ChatClient(grpc_url)
+
+
+@pytest.fixture(scope="module")
+def media() -> tuple[bytes, bytes]:
+    return (
+        encode_image(synthetic_image(320, 240, seed=31), "JPEG"),
+        encode_audio(synthetic_audio(16000, 1.5, seed=32), 16000, "WAV"),
+    )
+
+
+def _image_part(data: bytes, mime: str = "image/jpeg") -> dict:
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}}
+
+
+def _audio_part(data: bytes, fmt: str = "wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
+
+
+def _ask(oai: "openai.OpenAI", messages: list, stream: bool, **kwargs: object) -> tuple[str, dict, str]:
+    """Text, usage and finish reason of one completion through the official client."""
+    if not stream:
+        out = oai.chat.completions.create(model="tiny-mm", messages=messages, **kwargs)
+        assert out.object == "chat.completion" and out.id.startswith("chatcmpl-") and out.model == "tiny-mm"
+        return out.choices[0].message.content, out.usage.model_dump(), out.choices[0].finish_reason
+    text, usage, finish = "", {}, None
+    chunks = oai.chat.completions.create(
+        model="tiny-mm", messages=messages, stream=True, stream_options={"include_usage": True}, **kwargs
+    )
+    for chunk in chunks:
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    return text, usage, finish
+
+
+def _whole_chars(client: ChatClient, builder: PromptBuilder, prompt: str | None, n: int, **kwargs: object) -> int:
+    """A ``max_tokens`` up to ``n`` whose greedy answer ends on a whole character.
+
+    Workaround for the server's streaming detokenizer (``mmtriton/detokenize.py``): when a
+    coalesced chunk ends inside a multi-byte character, the chunk's complete text before it
+    is held back too, and a stream that ends there never sends it. Which chunks coalesce
+    depends on timing, so the gRPC client and the front door would see different texts for
+    the same tokens. An answer that ends on a whole character holds nothing back.
+    """
+    ids = client.generate(prompt, sampling=Sampling(max_tokens=n), **kwargs).token_ids
+    for k in range(len(ids), 0, -1):
+        if not builder.tokenizer.decode(ids[:k], skip_special_tokens=True).endswith("\ufffd"):
+            return k
+    pytest.skip(f"no prefix of {ids} ends on a whole character")
+
+
+def test_models_and_health(frontend: FrontDoor) -> None:
+    models = httpx.get(f"{frontend.url}/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["tiny-mm"]
+    health = httpx.get(f"{frontend.url}/health", timeout=60)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_text_only_equals_grpc_client(oai: "openai.OpenAI", client: ChatClient, builder: PromptBuilder, stream: bool) -> None:
+    prompt = "Hello there, how are you? café"
+    n = _whole_chars(client, builder, prompt, 24)
+    expected = client.generate(prompt, sampling=Sampling(max_tokens=n))
+    text, usage, finish = _ask(oai, [{"role": "user", "content": prompt}], stream, max_tokens=n, temperature=0)
+    assert text == expected.text
+    assert usage["prompt_tokens"] == expected.num_input_tokens
+    assert usage["completion_tokens"] == expected.num_output_tokens
+    assert usage["total_tokens"] == expected.num_input_tokens + expected.num_output_tokens
+    assert finish == ("length" if expected.num_output_tokens == n else "stop")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_image_and_audio_parts_equal_grpc_client(
+    oai: "openai.OpenAI", client: ChatClient, builder: PromptBuilder, media: tuple[bytes, bytes], grpc_url: str, stream: bool
+) -> None:
+    image, audio = media
+    prompt = "What is in the picture and the clip?"
+    n = _whole_chars(client, builder, prompt, 20, image=image, audio=audio)
+    expected = client.generate(prompt, image=image, audio=audio, sampling=Sampling(max_tokens=n))
+    content = [_image_part(image), _audio_part(audio), {"type": "text", "text": prompt}]
+    text, usage, _ = _ask(oai, [{"role": "user", "content": content}], stream, max_completion_tokens=n)
+    assert text == expected.text
+    # Media rows are counted in the prompt: the embeddings' rows plus the text tokens.
+    rows = embed(grpc_url, image=image, audio=audio)
+    media_rows = len(rows["image_embeddings"]) + len(rows["audio_embeddings"])
+    assert usage["prompt_tokens"] == expected.num_input_tokens > media_rows
+    assert usage["completion_tokens"] == expected.num_output_tokens
+
+
+def test_multi_turn_is_rendered_once_with_the_template(
+    oai: "openai.OpenAI", client: ChatClient, builder: PromptBuilder, media: tuple[bytes, bytes], grpc_url: str
+) -> None:
+    image, audio = media
+    messages = [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": [{"type": "text", "text": "Look at this:"}, _image_part(image)]},
+        {"role": "assistant", "content": "A picture."},
+        {"role": "user", "content": [_audio_part(audio), {"type": "text", "text": "And this clip?"}]},
+    ]
+    conversation = [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": [{"type": "text", "text": "Look at this:"}, {"type": "image"}]},
+        {"role": "assistant", "content": "A picture."},
+        {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "And this clip?"}]},
+    ]
+    n = _whole_chars(client, builder, None, 16, messages=conversation, image=image, audio=audio)
+    text, usage, _ = _ask(oai, messages, stream=True, max_tokens=n, temperature=0)
+    expected = client.generate(None, messages=conversation, image=image, audio=audio, sampling=Sampling(max_tokens=n))
+    assert text == expected.text
+    # The prompt the preprocessing model built: every turn, the template once, the media rows in place.
+    rows = embed(grpc_url, image=image, audio=audio)
+    prompt = builder.build_conversation(conversation_json(conversation), rows["image_embeddings"], rows["audio_embeddings"])
+    assert usage["prompt_tokens"] == expected.num_input_tokens == prompt.input_ids.size
+    rendered = builder.tokenizer.decode([t for t in prompt.input_ids.tolist() if t < builder.vocab_size])
+    assert rendered.count("<|user|>") == 2 and rendered.count("<|system|>") == 1 and rendered.endswith("<|assistant|>")
+
+
+def test_stop_and_seed_and_unknown_fields(oai: "openai.OpenAI", client: ChatClient) -> None:
+    free = client.generate("Stop words test", sampling=Sampling(max_tokens=30))
+    words = [w for w in free.text.split(" ") if w.strip() and "\ufffd" not in w]
+    if not words:
+        pytest.skip(f"no usable stop word in {free.text!r}")
+    expected = client.generate("Stop words test", sampling=Sampling(max_tokens=30, stop_words=(words[0],)))
+    out = oai.chat.completions.create(
+        model="anything", messages=[{"role": "user", "content": "Stop words test"}], max_tokens=30, stop=words[0],
+        seed=7, extra_body={"some_unknown_field": 1, "logit_bias_v2": {}},
+    )
+    assert out.choices[0].message.content == expected.text
+
+
+def test_langchain_snippet_runs_unchanged(frontend: FrontDoor) -> None:
+    from langchain_openai import ChatOpenAI
+
+    chat_model = ChatOpenAI(
+        model="autoglm-phone-9b",
+        temperature=0.5,
+        base_url=f"{frontend.url}/v1",
+        api_key="EMPTY",
+        extra_body={"enable_thinking": True, "return_reasoning": True},
+        streaming=True,
+    )
+    content = chat_model.invoke("你是谁?").content
+    assert isinstance(content, str) and content
+
+
+def _post(frontend: FrontDoor, body: dict) -> httpx.Response:
+    return httpx.post(f"{frontend.url}/v1/chat/completions", json=body, timeout=120)
+
+
+def _bad_cases(media: tuple[bytes, bytes], spec: "ModelSpec") -> list[tuple[str, dict, str, str]]:
+    image, audio = media
+    png = encode_image(synthetic_image(96, 64, seed=5), "PNG")
+    over = b"\xff\xd8" + b"\0" * spec.vision.max_bytes
+    user = lambda *parts: {"messages": [{"role": "user", "content": list(parts)}], "max_tokens": 4}  # noqa: E731
+    return [
+        ("bad base64", user({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not-base64@@"}}),
+         "messages[0].content[0]", "messages[0].content[0]: image data is not valid base64"),
+        ("wrong MIME", user({"type": "text", "text": "hi"}, _image_part(png, "application/pdf")),
+         "messages[0].content[1]", "messages[0].content[1]: unsupported image type 'application/pdf'"),
+        ("over-size item", user(_image_part(over)),
+         "messages[0].content[0]", f"over the limit of {spec.vision.max_bytes} bytes per image"),
+        ("too many items", user(_image_part(image), _audio_part(audio), _image_part(png)),
+         "messages[0].content[2]", "messages[0].content[2]: too many images: at most 1 image per request"),
+        ("too many clips", user(_audio_part(audio), _audio_part(audio)),
+         "messages[0].content[1]", "messages[0].content[1]: too many audio clips: at most 1 audio clip per request"),
+        ("image fails to decode", user({"type": "text", "text": "What is this?"}, _image_part(corrupt_png_data(png), "image/png")),
+         "messages[0].content[1]", "messages[0].content[1]: input 'image': could not decode the PNG data"),
+        ("not an image", user(_image_part(b"definitely not an image", "image/png")),
+         "messages[0].content[0]", "messages[0].content[0]: input 'image': not a JPEG/PNG/WebP image"),
+        ("n=2", {**user({"type": "text", "text": "hi"}), "n": 2}, "n", "n=2: this server returns one choice per request; only n=1"),
+        ("negative max_tokens", {**user({"type": "text", "text": "hi"}), "max_tokens": -1}, "max_tokens",
+         "max_tokens=-1: must be at least 1"),
+        ("negative temperature", {**user({"type": "text", "text": "hi"}), "temperature": -1}, "temperature",
+         "temperature: input 'temperature': -1.0 must be a finite number >= 0"),
+        ("tool role", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role",
+         "messages[0]: role 'tool' is not supported"),
+        ("messages missing", {"model": "m"}, "messages", "messages: Field required"),
+    ]
+
+
+def test_bad_inputs_get_400_with_their_message(frontend: FrontDoor, media: tuple[bytes, bytes], spec: "ModelSpec") -> None:
+    for name, body, param, message in _bad_cases(media, spec):
+        body.setdefault("model", "tiny-mm")
+        for stream in (False, True):
+            resp = _post(frontend, {**body, "stream": stream})
+            assert resp.status_code == 400, (name, stream, resp.text)
+            error = resp.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["param"] == param, (name, error)
+            assert message in error["message"], (name, error["message"])
+    # Not JSON at all.
+    resp = httpx.post(f"{frontend.url}/v1/chat/completions", content=b"{nope", timeout=30)
+    assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]["message"]
+
+
+def test_urls_inside_are_refused_without_connecting(frontend: FrontDoor) -> None:
+    listener = Listener()
+    try:
+        for url, message in [
+            (f"http://127.0.0.1:{listener.port}/a.png", "host '127.0.0.1' is not on this server's URL allowlist"),
+            (f"http://localhost:{listener.port}/a.png", "a loopback address; refused"),
+            ("http://10.0.0.1/a.png", "host '10.0.0.1' is not on this server's URL allowlist"),
+            ("http://169.254.169.254/latest/meta-data/", "host '169.254.169.254' is not on this server's URL allowlist"),
+            ("file:///etc/passwd", "URL scheme 'file' is not allowed"),
+        ]:
+            body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+            resp = _post(frontend, body)
+            assert resp.status_code == 400, resp.text
+            error = resp.json()["error"]
+            assert error["param"] == "messages[0].content[0]" and error["code"] == "url_refused"
+            assert message in error["message"], error["message"]
+        assert listener.accepted == 0
+    finally:
+        listener.close()
+
+
+def test_allowlisted_loopback_fetch_works_and_stops_big_bodies(
+    grpc_url: str, bundle_dir: Path, tmp_path: Path, client: ChatClient, builder: PromptBuilder,
+    media: tuple[bytes, bytes], spec: "ModelSpec",
+) -> None:
+    image = media[0]
+    n = _whole_chars(client, builder, "Fetched?", 12, image=image)
+    origin = BodyServer(body=image, big_total=spec.vision.max_bytes * 8)
+    door = FrontDoor(grpc_url, bundle_dir, tmp_path / "door", "--allow-url-fetch", "--url-allow-host", "127.0.0.1")
+    try:
+        part = {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{origin.port}/ok.png"}}
+        body = {"model": "m", "max_tokens": n, "messages": [{"role": "user", "content": [part, {"type": "text", "text": "Fetched?"}]}]}
+        resp = _post(door, body)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["message"]["content"] == client.generate("Fetched?", image=image, sampling=Sampling(max_tokens=n)).text
+        for path, message in [("/big", "(stopped reading)"), ("/declared", f"body of {origin.big_total} bytes is over the limit")]:
+            part["image_url"]["url"] = f"http://127.0.0.1:{origin.port}{path}"
+            resp = _post(door, body)
+            assert resp.status_code == 400 and message in resp.json()["error"]["message"], resp.text
+        origin.close()
+        assert origin.sent < origin.big_total // 2  # the read stopped early, not after the whole body
+    finally:
+        door.stop()
+        origin.close()
+
+
+def _wait(condition: "Callable[[], bool]", deadline_s: float = 30.0) -> bool:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+def test_closed_stream_cancels_its_triton_request(frontend: FrontDoor, server: TritonServer) -> None:
+    engine = lambda name: metric_sum(scrape_metrics(server.metrics_url), name) or 0.0  # noqa: E731
+    cancelled_before = engine("mmtriton_engine_requests_cancelled_total")
+    tokens_before = engine("mmtriton_engine_step_sequences_total")
+    door_before = frontend.metrics().get("mmtriton_openai_streams_cancelled_total", 0.0)
+    body = {"model": "m", "messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "max_tokens": 256, "ignore_eos": True, "stream": True}
+    received = 0
+    with httpx.stream("POST", f"{frontend.url}/v1/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                received += 1
+                if received >= 3:
+                    break  # leaving the block closes the connection mid-answer
+    assert _wait(lambda: engine("mmtriton_engine_requests_in_flight") == 0)
+    assert _wait(lambda: frontend.metrics().get("mmtriton_openai_streams_cancelled_total", 0.0) == door_before + 1)
+    # The engine counted the cancellation (its metrics refresh every 0.2 s) and stopped early:
+    # with ignore_eos the request would otherwise have generated all of its 256 tokens.
+    assert _wait(lambda: engine("mmtriton_engine_requests_cancelled_total") == cancelled_before + 1)
+    assert engine("mmtriton_engine_step_sequences_total") - tokens_before < 256
+    assert frontend.metrics()["mmtriton_openai_requests_in_flight"] == 0
+
+
+def test_metrics_count_requests_errors_and_latencies(frontend: FrontDoor, oai: "openai.OpenAI") -> None:
+    _ask(oai, [{"role": "user", "content": "metrics"}], stream=True, max_tokens=8)
+    _post(frontend, {"messages": [], "n": 3})
+    m = frontend.metrics()
+    assert m['mmtriton_openai_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
+    assert m['mmtriton_openai_requests_total{endpoint="/v1/chat/completions",status="400"}'] >= 1
+    assert m['mmtriton_openai_errors_total{code="invalid_value",status="400"}'] >= 1
+    assert m["mmtriton_openai_time_to_first_token_seconds_count"] >= 1
+    assert m["mmtriton_openai_inter_token_latency_seconds_count"] >= 1
+    assert m["mmtriton_openai_completion_tokens_total"] >= 8
+    assert m["mmtriton_openai_requests_in_flight"] == 0
+
+
+def test_health_is_503_without_a_working_triton(bundle_dir: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: bound, never listening
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+        door = FrontDoor(dead, bundle_dir, tmp_path / "door")
+        try:
+            resp = httpx.get(f"{door.url}/health", timeout=60)
+            assert resp.status_code == 503 and resp.json()["status"] == "unavailable"
+            chat = _post(door, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert chat.status_code == 503 and chat.json()["error"]["type"] == "service_unavailable"
+        finally:
+            door.stop()
