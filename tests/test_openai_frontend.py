@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import pytest
 
 from bench.triton_stats import metric_sum, scrape_metrics
 from clients.embed import embed
-from clients.llm import ChatClient, Sampling, conversation_json
+from clients.llm import ChatClient, Sampling, conversation_json, request_values
 from mmtriton.prompting import PromptBuilder
 from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 from mmtriton.server import TritonServer
@@ -400,3 +401,46 @@ def test_health_is_503_without_a_working_triton(bundle_dir: Path, tmp_path: Path
             assert chat.status_code == 503 and chat.json()["error"]["type"] == "service_unavailable"
         finally:
             door.stop()
+
+
+def test_text_input_and_messages_together_are_refused(client: ChatClient) -> None:
+    import uuid
+
+    import numpy as np
+
+    from clients.errors import InvalidInputError
+    from mmtriton.contract import CHAT_MESSAGES
+
+    values = request_values("hi", None, None, Sampling(max_tokens=2), True)
+    values[CHAT_MESSAGES] = np.array([[conversation_json([{"role": "user", "content": "hi"}]).encode()]], dtype=np.object_)
+    with pytest.raises(InvalidInputError, match="send either text_input .one user turn. or messages"):
+        list(client._grpc("chat_text", values, uuid.uuid4().hex))
+
+
+def _doc_blocks(kind: str) -> list[str]:
+    text = (ROOT / "docs" / "openai.md").read_text()
+    return [block.split("\n", 1)[1] for block in text.split("```")[1::2] if block.startswith(kind + "\n")]
+
+
+def test_docs_examples_run(frontend: FrontDoor, tmp_path: Path) -> None:
+    """docs/openai.md's python examples (the openai client with image and audio, LangChain) and its curl lines."""
+    from mmtriton.samples import write_samples
+
+    image, audio = write_samples(tmp_path)
+    blocks = _doc_blocks("python")
+    assert len(blocks) == 2
+    for code in blocks:
+        code = code.replace("http://localhost:9000/v1", f"{frontend.url}/v1")
+        code = code.replace("build/samples/sample.jpg", str(image)).replace("build/samples/sample.wav", str(audio))
+        run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip()
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    curls = [c for c in _doc_blocks("bash") if "curl" in c]
+    assert curls
+    script = curls[0].replace("localhost:9000", frontend.url.removeprefix("http://"))
+    script = script.replace("build/samples/sample.jpg", str(image))
+    run = subprocess.run(["bash", "-ec", script], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    assert '"object":"chat.completion"' in run.stdout and "data: [DONE]" in run.stdout
