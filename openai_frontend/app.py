@@ -267,6 +267,7 @@ def create_app(config: FrontendConfig) -> FastAPI:
     """
     metrics = Metrics()
     state: dict[str, Any] = {"health": (0.0, False, "not checked yet")}
+    health_lock = asyncio.Lock()  # one probe at a time; callers that waited reuse its verdict
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -312,14 +313,17 @@ def create_app(config: FrontendConfig) -> FastAPI:
     async def health() -> JSONResponse:
         from mmtriton.probe import ProbeFailed, probe
 
-        checked, ok, reason = state["health"]
-        if time.monotonic() - checked > config.health_cache_s:
-            try:
-                await asyncio.to_thread(probe, config.triton_url, config.health_deadline_s)
-                ok, reason = True, "Triton answered real inference"
-            except (ProbeFailed, Exception) as err:  # any failure to reach or use Triton means "not ready"
-                ok, reason = False, str(err) or err.__class__.__name__
-            state["health"] = (time.monotonic(), ok, reason)
+        async with health_lock:
+            checked, ok, reason = state["health"]
+            if time.monotonic() - checked > config.health_cache_s:
+                try:
+                    await asyncio.to_thread(probe, config.triton_url, config.health_deadline_s)
+                    ok, reason = True, "Triton answered real inference"
+                except ProbeFailed as err:
+                    ok, reason = False, str(err)
+                except Exception as err:  # noqa: BLE001 (any failure to reach or use Triton means "not ready")
+                    ok, reason = False, f"{err.__class__.__name__}: {err}"
+                state["health"] = (time.monotonic(), ok, reason)
         return JSONResponse({"status": "ok" if ok else "unavailable", "detail": reason}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
