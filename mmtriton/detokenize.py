@@ -31,28 +31,39 @@ class IncrementalDetokenizer:
         self._skip = skip_special_tokens
         self._ids: list[int] = []
         self._start = 0  # first id of the context window
-        self._emitted = 0  # ids[:_emitted] are fully represented in the text sent so far
+        self._mark = 0  # ids[:_mark] decoded to whole characters when last seen
+        self._sent = 0  # characters of decode(ids[_start:]) already sent
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip, clean_up_tokenization_spaces=False)
 
     def push(self, new_ids: list[int]) -> str:
-        """Add tokens; return the text they complete (possibly empty while a character is pending)."""
+        """Add tokens; return the text they complete (possibly empty while a character is pending).
+
+        Only an unfinished last character is held back: when a chunk of several tokens
+        ends inside a character, every whole character before it goes out now, so a
+        stream that ends there loses at most that unfinished character.
+        """
         self._ids.extend(int(i) for i in new_ids)
-        before = self._decode(self._ids[self._start : self._emitted])
-        after = self._decode(self._ids[self._start :])
-        if after.endswith(REPLACEMENT) or len(after) <= len(before):
-            return ""
-        self._start = self._emitted
-        self._emitted = len(self._ids)
-        return after[len(before) :]
+        text = self._decode(self._ids[self._start :])
+        complete = not text.endswith(REPLACEMENT)
+        stable = text if complete else text.rstrip(REPLACEMENT)
+        out = stable[self._sent :]
+        if complete:
+            # Slide the window: keep the tokens since the previous whole-character point as
+            # context (a SentencePiece word start needs the token before it to keep its space).
+            self._start, self._mark = self._mark, len(self._ids)
+            self._sent = len(self._decode(self._ids[self._start :]))
+        else:
+            self._sent = max(self._sent, len(stable))
+        return out
 
     def flush(self) -> str:
         """Text of tokens still held back (an incomplete character becomes U+FFFD)."""
-        before = self._decode(self._ids[self._start : self._emitted])
-        after = self._decode(self._ids[self._start :])
-        self._start = self._emitted = len(self._ids)
-        return after[len(before) :]
+        out = self._decode(self._ids[self._start :])[self._sent :]
+        self._start = self._mark = len(self._ids)
+        self._sent = 0
+        return out
 
 
 class DetokenizerStates:

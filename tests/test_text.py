@@ -35,6 +35,29 @@ def test_streamed_text_equals_full_decode(builder: PromptBuilder, chunk: int) ->
     assert "".join(pieces) + detok.flush() == TEXT
 
 
+@pytest.mark.parametrize("chunk", [2, 3, 5, 8])
+def test_chunk_ending_inside_a_character_still_sends_the_whole_characters_before_it(
+    builder: PromptBuilder, chunk: int
+) -> None:
+    """A stream may end on such a chunk (max_tokens): only the unfinished character may be missing."""
+    tok = builder.tokenizer
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    cuts = [n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith(REPLACEMENT)]
+    assert cuts, "the text has no token boundary inside a character"
+    checked = 0
+    for cut in cuts:
+        if cut < chunk:
+            continue
+        detok = IncrementalDetokenizer(tok)
+        head = ids[: cut - chunk]
+        text = "".join(detok.push(head[i : i + chunk]) for i in range(0, len(head), chunk))
+        text += detok.push(ids[cut - chunk : cut])  # the last chunk: several tokens, ends mid-character
+        whole = tok.decode(ids[:cut]).rstrip(REPLACEMENT)  # every complete character before the cut
+        assert text == whole, (cut, text, whole)
+        checked += 1
+    assert checked
+
+
 def test_states_are_kept_per_request(builder: PromptBuilder) -> None:
     tok = builder.tokenizer
     a = tok.encode(TEXT, add_special_tokens=False)

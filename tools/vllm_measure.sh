@@ -110,7 +110,7 @@ EOF
       for rate in ${PACE_RATES:-0}; do
         render "vllm-rate$rate" gpu-vllm --set "serving.stream_chunk_rate=$rate"
         serve_start "vllm-rate$rate"
-        bench "unpaced-rate$rate" 16,32,64 "$REQUESTS"
+        bench "unpaced-rate$rate" "${UNPACED_C:-16,32,64}" "$REQUESTS"
         serve_stop
       done ;;
     before)
