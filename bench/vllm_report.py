@@ -205,6 +205,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         "vLLM in-process": {r["concurrency"]: r["inprocess"] for r in report["levels"]},
         "served gpu-vllm": {r["concurrency"]: r["served"] for r in report["levels"] if r["served"]},
         "served transformers engine": report["hf"],
+        "served vLLM, one sequence at a time": report["before"],
     }
     for name in sorted({n for r in report["levels"] for n in r["variants"]}):
         label = "served, every step streamed" if name == "rate0" else f"served, stream_chunk_rate {name[4:]}"
