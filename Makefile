@@ -15,12 +15,14 @@ SAMPLES := $(BUILD)/samples
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+OPENAI_PORT ?= 9000
+AIPERF := $(BUILD)/aiperf-venv/bin/aiperf
 PYTEST_ARGS ?=
 PROMPT ?= Describe the picture and answer the question in the recording.
 BENCH_ARGS ?= --concurrency 1,4,16 --requests 64 --input-tokens 96 --input-spread 16 --output-tokens 32 \
 	--image-share 0.25 --audio-share 0.25 --warmup 4
 
-.PHONY: help setup build-engines samples serve embed chat demo test bench bench-url clean gpu-plan gpu-image gpu-engines gpu-up gpu-vllm-image gpu-vllm-up monitoring-up check-deploy
+.PHONY: help setup build-engines samples serve embed chat demo openai aiperf-setup aiperf test bench bench-url clean gpu-plan gpu-image gpu-engines gpu-up gpu-vllm-image gpu-vllm-up monitoring-up openai-image check-deploy
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-15s %s\n", $$1, $$2}'
@@ -72,8 +74,25 @@ bench: build-engines ## before/after benchmark on CPU: engine batch 1 vs in-flig
 bench-url: ## benchmark a running server (make serve, or a GPU host: add --copy-bandwidth-gbs to BENCH_ARGS)
 	$(PY) -m bench --url localhost:$(GRPC_PORT) --metrics-url http://localhost:$(METRICS_PORT)/metrics $(BENCH_ARGS)
 
-test: build-engines ## run the test suite (starts its own tritonserver on free ports)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+openai: setup ## OpenAI-compatible front door on OPENAI_PORT (9000) against a running server (make serve)
+	$(PY) -m openai_frontend --triton-url localhost:$(GRPC_PORT) --bundle $(BUNDLE) --port $(OPENAI_PORT)
+
+# aiperf pins numpy 2 and protobuf 7, so it gets a virtualenv of its own (tests/test_openai_aiperf.py uses it).
+$(AIPERF): requirements-aiperf.txt
+	$(PYTHON) -m venv $(BUILD)/aiperf-venv
+	$(BUILD)/aiperf-venv/bin/pip install --quiet -r requirements-aiperf.txt
+	touch $@
+
+aiperf-setup: $(AIPERF) ## install aiperf into build/aiperf-venv
+
+aiperf: aiperf-setup ## aiperf against the front door (make serve + make openai): streamed chat, base64 JPEGs
+	$(AIPERF) profile --model $(SPEC_NAME) --url http://localhost:$(OPENAI_PORT) --endpoint-type chat --streaming \
+		--tokenizer $(BUNDLE)/llm --synthetic-input-tokens-mean 32 --output-tokens-mean 16 --extra-inputs ignore_eos:true \
+		--image-batch-size 1 --image-width-mean 320 --image-height-mean 240 --image-format jpeg \
+		--request-count 64 --concurrency 8 --use-server-token-count --ui none --artifact-dir $(BUILD)/aiperf
+
+test: build-engines aiperf-setup ## run the test suite (starts its own tritonserver on free ports)
+	MMTRITON_REQUIRE_AIPERF=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 
 # gpu-* targets: SPEC when given (command line or environment), else the GPU smoke spec. tiny.toml
 # (the cpu default) has head size 16, which the TensorRT-LLM attention plugin cannot build.
@@ -107,6 +126,9 @@ gpu-vllm-up: setup ## GPU host: bundle (host), render the gpu-vllm repository an
 
 monitoring-up: ## GPU host: Prometheus (:9090) and Grafana (:3000) with the Triton dashboard
 	docker compose --profile monitoring up -d
+
+openai-image: ## build the OpenAI front door's image (Dockerfile.openai)
+	docker compose build openai
 
 check-deploy: ## validate docker-compose.yml and monitoring/prometheus.yml with the real tools
 	docker-compose config -q && promtool check config monitoring/prometheus.yml

@@ -107,6 +107,23 @@ class VllmStack:
 
 
 @dataclass(frozen=True)
+class OpenAIFrontendStack:
+    """The OpenAI-compatible front door's image (``Dockerfile.openai``; CPU only).
+
+    Attributes:
+        base_image: The Python image it starts from.
+        requirements: File (repository root) with the pinned packages it installs.
+        tag: Name of the image compose builds.
+        port: The port it listens on in its container.
+    """
+
+    base_image: str
+    requirements: str
+    tag: str
+    port: str
+
+
+@dataclass(frozen=True)
 class Stack:
     """Everything ``stack.toml`` pins."""
 
@@ -117,6 +134,7 @@ class Stack:
     python_packages: PythonPackages
     monitoring: MonitoringStack
     vllm: VllmStack
+    openai_frontend: OpenAIFrontendStack
 
 
 _TABLES: dict[str, type] = {
@@ -127,6 +145,7 @@ _TABLES: dict[str, type] = {
     "python_packages": PythonPackages,
     "monitoring": MonitoringStack,
     "vllm": VllmStack,
+    "openai_frontend": OpenAIFrontendStack,
 }
 
 

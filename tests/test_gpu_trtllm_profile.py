@@ -622,8 +622,8 @@ def test_images_and_pins_match_the_stack() -> None:
 
 def test_prometheus_scrapes_triton_and_validates() -> None:
     config = yaml.safe_load(PROMETHEUS.read_text())
-    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
-    assert targets == ["triton:8002"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert [t for sc in jobs["triton"]["static_configs"] for t in sc["targets"]] == ["triton:8002"]
     assert "8002:8002" in _compose()["services"]["triton"]["ports"]
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -210,9 +210,10 @@ def test_compose_file_validates_with_the_vllm_profile() -> None:
     assert reserved_gpus(services["triton-vllm"]) == 1
 
 
-def test_default_up_still_starts_only_triton() -> None:
+def test_default_up_starts_triton_and_its_front_door_only() -> None:
     services = yaml.safe_load(COMPOSE.read_text())["services"]
-    assert sorted(name for name, s in services.items() if not s.get("profiles")) == ["triton"]
+    # The OpenAI front door (openai) sits in front of triton; nothing of the vllm profile starts.
+    assert sorted(name for name, s in services.items() if not s.get("profiles")) == ["openai", "triton"]
     for name in VLLM_SERVICES:
         assert services[name]["profiles"] == ["vllm"], name
 

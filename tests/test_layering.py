@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("mmtriton", "build_engines", "clients", "bench", "tools")
+PACKAGES = ("mmtriton", "build_engines", "clients", "bench", "tools", "openai_frontend")
 
 # Who may import whom (besides the standard library and third-party packages).
 ALLOWED = {
@@ -23,6 +23,9 @@ ALLOWED = {
     "build_engines": {"mmtriton"},  # bundle, render, build plan: on top of the runtime
     "bench": {"mmtriton", "clients"},
     "tools": {"mmtriton", "clients", "bench", "build_engines"},
+    # The OpenAI front door: an application of the clients, plus the contract's names and the
+    # real-inference probe (its image has no torch, transformers or DALI).
+    "openai_frontend": {"mmtriton.contract", "mmtriton.probe", "clients"},
 }
 
 

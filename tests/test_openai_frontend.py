@@ -36,7 +36,7 @@ START_TIMEOUT_S = 60.0
 class FrontDoor:
     """``python -m openai_frontend`` in a process of its own, on a port it picks; stopped by its pid."""
 
-    def __init__(self, triton_url: str, bundle: Path, work: Path, *extra: str) -> None:
+    def __init__(self, triton_url: str, bundle: Path, work: Path, *extra: str, python: str = sys.executable) -> None:
         work.mkdir(parents=True, exist_ok=True)
         port_file = work / "port"
         port_file.unlink(missing_ok=True)
@@ -44,7 +44,7 @@ class FrontDoor:
         self.log = self.log_path.open("w")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "openai_frontend", "--triton-url", triton_url, "--bundle", str(bundle),
+            [python, "-m", "openai_frontend", "--triton-url", triton_url, "--bundle", str(bundle),
              "--port", "0", "--port-file", str(port_file), "--log-level", "debug", *extra],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
