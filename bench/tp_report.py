@@ -1,0 +1,665 @@
+"""TP=1 against TP=2 on the served gpu-vllm repository, each beside vLLM in-process: per-GPU figures and report.
+
+Three commands, all used by ``tools/tp_measure.sh``:
+
+- ``python -m bench.tp_report bench BENCH_ARGS...`` runs ``python -m bench`` with
+  :class:`PerGpuSampler` in place of the benchmark's utilization sampler, so every
+  level of ``report.json`` also holds NVML utilization and memory per GPU
+  (``utilization.gpus``, ``utilization_samples[].gpus``), read from the same Triton
+  ``/metrics`` scrape series the benchmark already uses (``nv_gpu_utilization`` and
+  ``nv_gpu_memory_used_bytes``, one series per ``gpu_uuid`` label).
+- ``python -m bench.tp_report placement REPO [--pin-gpu 0] [--out FILE]`` says where
+  every model of a rendered repository runs; with ``--pin-gpu`` it first pins the
+  KIND_GPU instance groups that name no GPU (DALI preprocessing, encoders) to that GPU
+  in the rendered copy. Triton gives an unpinned KIND_GPU group one set of instances
+  per visible GPU, so on two GPUs they would also sit beside vLLM's second rank.
+- ``python -m bench.tp_report report FOLDER`` joins what the script leaves in its
+  folder into ``tp-report.json``, ``tp-report.md`` and ``tp-report.png``:
+
+  - ``bandwidth.json``: weight bytes and each GPU's copy bandwidth;
+  - ``inprocess-tp1.json``, ``inprocess-tp2.json`` (:mod:`bench.vllm_inprocess`);
+  - ``served-tp<N>-c1/**/report.json``, ``served-tp<N>/**/report.json`` (:mod:`bench`);
+  - ``placement-tp<N>.json``; ``skipped-<step>.txt`` for a step that did not run.
+
+Per GPU, model-bandwidth utilization counts the weights each rank reads per engine
+step: ``MBU_gpu = (weight_bytes / TP) x steps/s / copy_bandwidth_gpu`` (the
+benchmark's own ``model_bandwidth_utilization_pct`` counts all weights against one
+GPU's bandwidth, i.e. the sum over ranks at TP=2). The issue's targets: served TP=2
+tok/s >= 0.9x in-process TP=2 at every c >= 16; served TP=2 ITL at c=1 below TP=1's.
+A missing side (TP=2 on a one-GPU host) is reported as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.triton_stats import scrape_metrics
+from bench.utilization import UtilizationSampler
+
+LOGGER = logging.getLogger(__name__)
+
+#: What tools/tp_measure.sh exports before it starts anything: NVLink multicast off in every process.
+NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+#: Served TP=2 tok/s over in-process TP=2 at c >= TARGET_MIN_C.
+TARGET_SERVED_RATIO = 0.9
+TARGET_MIN_C = 16
+TP_SIZES = (1, 2)
+#: The metric series read per GPU (Triton docs/user_guide/metrics.md, "GPU Metrics", label gpu_uuid).
+UTIL_METRIC = "nv_gpu_utilization"
+MEM_USED_METRIC = "nv_gpu_memory_used_bytes"
+MEM_TOTAL_METRIC = "nv_gpu_memory_total_bytes"
+_UUID_LABEL = re.compile(r'gpu_uuid="([^"]*)"')
+GIB = float(1 << 30)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def gpu_figures(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per-GPU utilization and memory from parsed ``/metrics`` (:func:`bench.triton_stats.parse_metrics`).
+
+    Returns:
+        ``{gpu_uuid: {"util_pct", "memory_used_bytes", "memory_total_bytes"}}``; a GPU
+        has only the keys its series were found for.
+    """
+    names = {UTIL_METRIC: "util_pct", MEM_USED_METRIC: "memory_used_bytes", MEM_TOTAL_METRIC: "memory_total_bytes"}
+    out: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        name, _, labels = key.partition("{")
+        if name not in names:
+            continue
+        found = _UUID_LABEL.search(labels)
+        if not found:
+            continue
+        out.setdefault(found.group(1), {})[names[name]] = 100.0 * value if name == UTIL_METRIC else value
+    return out
+
+
+def summarize_gpus(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean and max per GPU over the ``gpus`` entries of a level's samples."""
+    series: dict[str, dict[str, list[float]]] = {}
+    for sample in samples:
+        for uuid, figures in (sample.get("gpus") or {}).items():
+            per = series.setdefault(uuid, {})
+            for key, value in figures.items():
+                per.setdefault(key, []).append(float(value))
+    out: dict[str, dict[str, Any]] = {}
+    for uuid, per in series.items():
+        util, used, total = per.get("util_pct", []), per.get("memory_used_bytes", []), per.get("memory_total_bytes", [])
+        out[uuid] = {
+            "samples": max(len(util), len(used)),
+            "util_mean_pct": float(np.mean(util)) if util else None,
+            "util_max_pct": float(np.max(util)) if util else None,
+            "memory_used_mean_bytes": float(np.mean(used)) if used else None,
+            "memory_used_max_bytes": float(np.max(used)) if used else None,
+            "memory_total_bytes": float(np.max(total)) if total else None,
+        }
+    return out
+
+
+class PerGpuSampler(UtilizationSampler):
+    """The benchmark's sampler plus NVML utilization and memory per GPU.
+
+    Each sample gains ``gpus`` (:func:`gpu_figures` of a scrape taken right after the
+    benchmark's own one); the summary gains ``gpus`` (:func:`summarize_gpus`). Triton
+    refreshes its GPU metrics every ``--metrics-interval-ms`` (2000 ms by default), so
+    consecutive samples may repeat a value.
+    """
+
+    def _sample(self) -> None:
+        super()._sample()
+        figures = gpu_figures(scrape_metrics(self.target.metrics_url, timeout_s=2.0))
+        self.samples[-1]["gpus"] = figures or None  # type: ignore[assignment]
+
+    def stop(self) -> dict[str, Any]:
+        """Stop as the base class does; add the per-GPU summary."""
+        summary = super().stop()
+        summary["gpus"] = summarize_gpus(self.samples)  # type: ignore[arg-type]
+        return summary
+
+
+@contextlib.contextmanager
+def per_gpu_sampling() -> Iterator[None]:
+    """Make :func:`bench.run.run_level` sample with :class:`PerGpuSampler` inside the block."""
+    import bench.run
+
+    original = bench.run.UtilizationSampler
+    bench.run.UtilizationSampler = PerGpuSampler  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        bench.run.UtilizationSampler = original  # type: ignore[misc]
+
+
+def run_bench(argv: list[str]) -> int:
+    """``python -m bench`` (:func:`bench.cli.main`) with per-GPU sampling; its exit code."""
+    from bench.cli import main as bench_main
+
+    with per_gpu_sampling():
+        return bench_main(argv)
+
+
+# --------------------------------------------------------------------------------------------- placement
+
+
+def _kind_name(kind: int) -> str:
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    return mc.ModelInstanceGroup.Kind.Name(kind)
+
+
+_KIND_GPU_LINE = re.compile(r"^([ \t]*)kind: KIND_GPU[ \t]*$", re.MULTILINE)
+
+
+def _pin(path: Path, config: Any, gpu: int) -> Any:
+    """Add ``gpus: [ gpu ]`` under every ``kind: KIND_GPU`` line of a rendered config; the parsed result.
+
+    The text is edited (comments and layout stay as rendered) and parsed again, which must
+    show every KIND_GPU group on ``gpu`` alone.
+
+    Raises:
+        ValueError: A KIND_GPU group already names GPUs, or the edit did not give the expected config.
+    """
+    from mmtriton.triton_config import parse_model_config
+
+    if any(list(g.gpus) for g in config.instance_group if _kind_name(g.kind) == "KIND_GPU"):
+        raise ValueError(f"{path}: some KIND_GPU groups name GPUs and some do not; pin them in the template")
+    text = _KIND_GPU_LINE.sub(lambda m: f"{m.group(0)}\n{m.group(1)}gpus: [ {gpu} ]", path.read_text())
+    pinned = parse_model_config(text, str(path))
+    groups = [g for g in pinned.instance_group if _kind_name(g.kind) == "KIND_GPU"]
+    if not groups or any(list(g.gpus) != [gpu] for g in groups):
+        raise ValueError(f"{path}: pinning KIND_GPU instances to GPU {gpu} did not take")
+    path.write_text(text)
+    return pinned
+
+
+def placement(repo: Path, pin_gpu: int | None = None) -> dict[str, Any]:
+    """Where each model of a rendered repository runs; optionally pin unpinned KIND_GPU groups first.
+
+    Args:
+        repo: A rendered model repository.
+        pin_gpu: When given, every KIND_GPU instance group naming no GPU gets ``gpus: [pin_gpu]``
+            in the rendered copy (rewritten from the parsed config, then parsed again).
+
+    Returns:
+        ``{"repo", "pinned": [models changed], "tensor_parallel_size", "models": {name:
+        {"groups": [{"kind", "count", "gpus"}], "device"}}}``; ``gpus`` is None for a
+        group Triton places on every visible GPU; ``device`` is the encoder's ``device``
+        parameter or the DALI pipeline's ``device_id`` (what the model's code runs on).
+    """
+    from mmtriton.triton_config import parse_model_config
+
+    models: dict[str, Any] = {}
+    pinned: list[str] = []
+    tp = None
+    for path in sorted(repo.glob("*/config.pbtxt")):
+        name = path.parent.name
+        config = parse_model_config(path.read_text(), str(path))
+        if config.platform == "ensemble":
+            continue
+        gpu_groups = [g for g in config.instance_group if _kind_name(g.kind) == "KIND_GPU"]
+        if pin_gpu is not None and any(not list(g.gpus) for g in gpu_groups):
+            config = _pin(path, config, pin_gpu)
+            pinned.append(name)
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        device: Any = params.get("device")
+        pre = path.parent / "1" / "preprocess.json"
+        if device is None and pre.is_file():
+            device = f"device_id {json.loads(pre.read_text()).get('device_id')}"
+        if "tensor_parallel_size" in params:
+            tp = int(params["tensor_parallel_size"])
+            device = f"vLLM ranks on the first {tp} visible GPU(s)"
+        models[name] = {
+            "groups": [
+                {"kind": _kind_name(g.kind), "count": int(g.count), "gpus": list(g.gpus) or None}
+                for g in config.instance_group
+            ],
+            "device": device,
+        }
+    if pinned:
+        LOGGER.info("pinned KIND_GPU instances of %s to GPU %s", ", ".join(pinned), pin_gpu)
+    return {"repo": str(repo), "pinned": pinned, "tensor_parallel_size": tp, "models": models}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def mbu_per_gpu_pct(weight_bytes: float, tp: int, steps_per_s: float, bandwidth_gbs: float) -> float:
+    """Model-bandwidth utilization of one GPU: it reads ``weight_bytes / tp`` per engine step."""
+    return 100.0 * (weight_bytes / tp) * steps_per_s / (bandwidth_gbs * 1e9)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _bench_levels(folder: Path, pattern: str) -> tuple[dict[int, dict[str, Any]], dict[str, Any] | None]:
+    """``{concurrency: level}`` over the bench reports matching ``pattern`` (later files win), and one report."""
+    levels: dict[int, dict[str, Any]] = {}
+    meta = None
+    for path in sorted(folder.glob(pattern)):
+        data = json.loads(path.read_text())
+        meta = meta or data
+        for config in data["configs"]:
+            for level in config["levels"]:
+                levels[int(level["concurrency"])] = level
+    return levels, meta
+
+
+def _gpu_table(bandwidth: dict[str, Any]) -> list[dict[str, Any]]:
+    """The host's GPUs with their copy bandwidth (a one-GPU ``bandwidth.json`` without ``gpus`` too)."""
+    if bandwidth.get("gpus"):
+        return list(bandwidth["gpus"])
+    gbs = bandwidth["copy_bandwidth_gbs"]
+    return [{"index": 0, "name": bandwidth.get("gpu"), "uuid": None, "copy_bandwidth_gbs": gbs}]
+
+
+def _norm_uuid(uuid: str | None) -> str | None:
+    return None if uuid is None else uuid.lower().removeprefix("gpu-")
+
+
+def served_row(
+    level: dict[str, Any], tp: int, gpus: list[dict[str, Any]], weight_bytes: float | None
+) -> dict[str, Any]:
+    """One served level, flat, with figures and MBU per GPU.
+
+    Args:
+        level: A level of a bench ``report.json``.
+        tp: Its tensor parallel size: ranks 0..tp-1 run on the host's first tp GPUs.
+        gpus: :func:`_gpu_table` of ``bandwidth.json``.
+        weight_bytes: All LLM weights.
+    """
+    s = level["stats"]
+    engine = level.get("engine") or {}
+    steps = engine.get("steps_per_s")
+    sampled = (level.get("utilization") or {}).get("gpus") or {}
+    by_uuid = {_norm_uuid(u): figures for u, figures in sampled.items()}
+    per_gpu = []
+    for gpu in gpus:
+        figures = by_uuid.pop(_norm_uuid(gpu.get("uuid")), None) if gpu.get("uuid") else None
+        if figures is None and len(gpus) == 1 and len(sampled) == 1:
+            figures = next(iter(sampled.values()))  # one GPU either way, whatever its label
+            by_uuid.clear()
+        if figures is None and not sampled and len(gpus) == 1 and level.get("utilization", {}).get("source") == "gpu":
+            # A report without per-GPU series from a one-GPU host: bench's mean over GPUs is that GPU's.
+            u = level["utilization"]
+            figures = {"util_mean_pct": u.get("mean_pct"), "util_max_pct": u.get("max_pct")}
+            figures["memory_used_max_bytes"] = None
+        rank = gpu["index"] < tp
+        if figures is None and not rank:
+            continue
+        per_gpu.append(
+            {
+                "gpu": gpu["index"],
+                "name": gpu.get("name"),
+                "rank": gpu["index"] if rank else None,
+                "copy_bandwidth_gbs": gpu["copy_bandwidth_gbs"],
+                "mbu_pct": mbu_per_gpu_pct(weight_bytes, tp, steps, gpu["copy_bandwidth_gbs"])
+                if rank and steps and weight_bytes
+                else None,
+                **(figures or {"util_mean_pct": None, "util_max_pct": None, "memory_used_max_bytes": None}),
+            }
+        )
+    for uuid, figures in by_uuid.items():  # sampled GPUs bandwidth.json does not list
+        unlisted = {"gpu": uuid, "name": None, "rank": None, "copy_bandwidth_gbs": None, "mbu_pct": None}
+        per_gpu.append({**unlisted, **figures})
+    return {
+        "tok_s": s["output_tokens_per_s"],
+        "req_s": s["requests_per_s"],
+        "latency_avg_s": s["latency_avg_s"],
+        "p99_s": s["latency_p99_s"],
+        "ttft_ms": s["ttft_avg_s"] * 1e3,
+        "ttft_p99_ms": s["ttft_p99_s"] * 1e3,
+        "itl_ms": s["itl_avg_s"] * 1e3,
+        "itl_p99_ms": s["itl_p99_s"] * 1e3,
+        "errors": s["errors"],
+        "steps_per_s": steps,
+        "mean_batch": engine.get("mean_batch"),
+        "bench_mbu_pct": level.get("model_bandwidth_utilization_pct"),
+        "nvml_util_mean_pct": (level.get("utilization") or {}).get("mean_pct"),
+        "gpus": per_gpu,
+    }
+
+
+def inprocess_row(level: dict[str, Any]) -> dict[str, Any]:
+    """One level of a :mod:`bench.vllm_inprocess` file, flat."""
+    return {
+        "tok_s": level["output_tokens_per_s"],
+        "req_s": level["requests_per_s"],
+        "latency_avg_s": level["latency_avg_s"],
+        "p99_s": level["latency_p99_s"],
+        "ttft_ms": level["ttft_avg_s"] * 1e3,
+        "ttft_p99_ms": level["ttft_p99_s"] * 1e3,
+        "itl_ms": level["itl_avg_s"] * 1e3,
+        "itl_p99_ms": level["itl_p99_s"] * 1e3,
+        "errors": level["errors"],
+    }
+
+
+RATIO_KEYS = ("tok_s", "p99_s", "ttft_ms", "itl_ms")
+
+
+def _ratios(num: dict[str, Any] | None, den: dict[str, Any] | None) -> dict[str, float | None] | None:
+    if num is None or den is None:
+        return None
+    return {key: _ratio(num[key], den[key]) for key in RATIO_KEYS}
+
+
+def _not_run(folder: Path, step: str) -> str:
+    skipped = folder / f"skipped-{step}.txt"
+    return skipped.read_text().strip() if skipped.is_file() else f"{step}: no results in {folder.name}/ (step not run)"
+
+
+def build(folder: Path) -> dict[str, Any]:
+    """Join the run's files (see the module docstring) into one report; missing pieces are listed as not run."""
+    bandwidth = json.loads((folder / "bandwidth.json").read_text()) if (folder / "bandwidth.json").is_file() else {}
+    gpus = _gpu_table(bandwidth) if bandwidth else []
+    weights = bandwidth.get("weight_bytes")
+    sides: dict[str, dict[int, dict[int, dict[str, Any]]]] = {"served": {}, "inprocess": {}}
+    not_run: list[str] = []
+    meta: dict[str, Any] | None = None
+    engine_args: dict[int, Any] = {}
+    placements: dict[int, Any] = {}
+    for tp in TP_SIZES:
+        levels: dict[int, dict[str, Any]] = {}
+        report = None
+        for pattern in (f"served-tp{tp}-c1/**/report.json", f"served-tp{tp}/**/report.json"):
+            found, data = _bench_levels(folder, pattern)
+            levels.update(found)
+            report = report or data
+        meta = meta or report
+        if levels:
+            sides["served"][tp] = {c: served_row(lv, tp, gpus, weights) for c, lv in levels.items()}
+        else:
+            not_run.append(_not_run(folder, f"served-tp{tp}"))
+        anchor = folder / f"inprocess-tp{tp}.json"
+        if anchor.is_file():
+            data = json.loads(anchor.read_text())
+            engine_args[tp] = data.get("engine_args")
+            sides["inprocess"][tp] = {int(lv["concurrency"]): inprocess_row(lv) for lv in data["levels"]}
+        else:
+            not_run.append(_not_run(folder, f"inprocess-tp{tp}"))
+        place = folder / f"placement-tp{tp}.json"
+        if place.is_file():
+            placements[tp] = json.loads(place.read_text())
+    concurrency = sorted({c for side in sides.values() for levels in side.values() for c in levels})
+    rows = []
+    for c in concurrency:
+        served = {tp: sides["served"].get(tp, {}).get(c) for tp in TP_SIZES}
+        inproc = {tp: sides["inprocess"].get(tp, {}).get(c) for tp in TP_SIZES}
+        row: dict[str, Any] = {
+            "concurrency": c,
+            "served": {str(tp): served[tp] for tp in TP_SIZES},
+            "inprocess": {str(tp): inproc[tp] for tp in TP_SIZES},
+            "served_tp2_over_tp1": _ratios(served[2], served[1]),
+            "inprocess_tp2_over_tp1": _ratios(inproc[2], inproc[1]),
+            "served_over_inprocess": {str(tp): _ratios(served[tp], inproc[tp]) for tp in TP_SIZES},
+        }
+        ratio = (row["served_over_inprocess"]["2"] or {}).get("tok_s")
+        row["target_served_tp2_ok"] = None if c < TARGET_MIN_C or ratio is None else ratio >= TARGET_SERVED_RATIO
+        rows.append(row)
+    c1 = next((r for r in rows if r["concurrency"] == 1), None)
+    itl = None
+    if c1 and c1["served"]["1"] and c1["served"]["2"]:
+        itl = {"tp1_ms": c1["served"]["1"]["itl_ms"], "tp2_ms": c1["served"]["2"]["itl_ms"]}
+        itl["ok"] = itl["tp2_ms"] < itl["tp1_ms"]
+    floors = {
+        str(tp): weights / tp / (gpus[0]["copy_bandwidth_gbs"] * 1e9) * 1e3 if weights and gpus else None
+        for tp in TP_SIZES
+    }
+    anchor_meta = next(
+        (json.loads((folder / f"inprocess-tp{tp}.json").read_text()) for tp in TP_SIZES
+         if (folder / f"inprocess-tp{tp}.json").is_file()),
+        {},
+    )
+    return {
+        "hardware": (meta or {}).get("hardware"),
+        "versions": {**(meta or {}).get("versions", {}), "vllm": anchor_meta.get("vllm")},
+        "git": (meta or {}).get("git"),
+        "workload": anchor_meta.get("workload") or (meta or {}).get("settings"),
+        "engine_args": {str(tp): args for tp, args in engine_args.items()},
+        "nvlink_multicast_off": NVLINK_MULTICAST_OFF,
+        "weight_bytes": weights,
+        "gpus": gpus,
+        "weight_read_floor_ms": floors,
+        "placement": {str(tp): p for tp, p in placements.items()},
+        "targets": {
+            "served_tp2_over_inprocess_tp2_tok_s_min": TARGET_SERVED_RATIO,
+            "at_concurrency_min": TARGET_MIN_C,
+            "served_itl_c1_tp2_below_tp1": True,
+        },
+        "itl_c1": itl,
+        "levels": rows,
+        "not_run": not_run,
+    }
+
+
+def _f(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _pct(value: float | None, spec: str = ".0f") -> str:
+    return "n/a" if value is None else f"{value:{spec}}%"
+
+
+def _ok(value: bool | None) -> str:
+    return "n/a" if value is None else ("**yes**" if value else "**no**")
+
+
+def _where(group: dict[str, Any]) -> str:
+    if group["kind"] != "KIND_GPU":
+        return ""
+    return f" on GPU {', '.join(map(str, group['gpus']))}" if group["gpus"] else " on every visible GPU"
+
+
+def _placement_lines(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for tp, place in sorted(report["placement"].items()):
+        lines += [f"Where the models run (TP={tp}, `{place['repo']}`"
+                  + (f"; pinned to GPU 0 by the script: {', '.join(place['pinned'])}" if place["pinned"] else "")
+                  + "):", "", "| model | instances | device |", "|---|---|---|"]
+        for name, model in sorted(place["models"].items()):
+            groups = "; ".join(f"{g['count']} x {g['kind']}{_where(g)}" for g in model["groups"])
+            lines.append(f"| {name} | {groups} | {model['device'] or ''} |")
+        lines.append("")
+    return lines
+
+
+SIDE_HEADER = (
+    "| c | tok/s TP=1 | tok/s TP=2 | ratio | P99 (s) TP=1 | TP=2 | ratio | TTFT (ms) TP=1 / TP=2 | ratio "
+    "| ITL (ms) TP=1 / TP=2 | ratio |",
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The comparison as Markdown."""
+    hw = report.get("hardware") or {}
+    lines = [
+        "# Tensor parallelism: served gpu-vllm TP=1 vs TP=2, beside vLLM in-process",
+        "",
+        f"GPU: {hw.get('gpu_model')} x {hw.get('gpu_count')} (driver {hw.get('driver_version')}); versions: "
+        + ", ".join(f"{k} {v}" for k, v in sorted((report.get("versions") or {}).items()) if v),
+        "",
+        "NVLink multicast off in every process: "
+        + ", ".join(f"`{k}={v}`" for k, v in report["nvlink_multicast_off"].items()) + ".",
+        "",
+    ]
+    for tp, args in sorted(report["engine_args"].items()):
+        lines += [f"Engine settings TP={tp} (both sides): `{json.dumps(args)}`.", ""]
+    if report["not_run"]:
+        lines += ["**Not run:**", ""] + [f"- {why}" for why in report["not_run"]] + [""]
+    lines += [
+        "Served (gpu-vllm through Triton), TP=2 / TP=1:",
+        "",
+        *SIDE_HEADER,
+    ]
+
+    def side_table(key: str, ratio_key: str) -> list[str]:
+        out = []
+        for row in report["levels"]:
+            a, b, r = row[key]["1"] or {}, row[key]["2"] or {}, row[ratio_key] or {}
+            out.append(
+                f"| {row['concurrency']} | {_f(a.get('tok_s'), '.0f')} | {_f(b.get('tok_s'), '.0f')} "
+                f"| {_f(r.get('tok_s'), '.2f')} | {_f(a.get('p99_s'), '.2f')} | {_f(b.get('p99_s'), '.2f')} "
+                f"| {_f(r.get('p99_s'), '.2f')} | {_f(a.get('ttft_ms'), '.0f')} / {_f(b.get('ttft_ms'), '.0f')} "
+                f"| {_f(r.get('ttft_ms'), '.2f')} | {_f(a.get('itl_ms'), '.2f')} / {_f(b.get('itl_ms'), '.2f')} "
+                f"| {_f(r.get('itl_ms'), '.2f')} |"
+            )
+        return out
+
+    lines += side_table("served", "served_tp2_over_tp1")
+    lines += ["", "vLLM AsyncLLM in-process, TP=2 / TP=1:", "", *SIDE_HEADER]
+    lines += side_table("inprocess", "inprocess_tp2_over_tp1")
+    lines += [
+        "",
+        f"Served over in-process (target: TP=2 tok/s >= {TARGET_SERVED_RATIO}x at c >= {TARGET_MIN_C}):",
+        "",
+        "| c | TP=1 tok/s ratio | TP=1 P99 ratio | TP=2 in-process tok/s | TP=2 served tok/s | TP=2 tok/s ratio "
+        "| TP=2 P99 ratio | target met |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["levels"]:
+        r1, r2 = row["served_over_inprocess"]["1"] or {}, row["served_over_inprocess"]["2"] or {}
+        a2, s2 = row["inprocess"]["2"] or {}, row["served"]["2"] or {}
+        lines.append(
+            f"| {row['concurrency']} | {_f(r1.get('tok_s'), '.2f')} | {_f(r1.get('p99_s'), '.2f')} "
+            f"| {_f(a2.get('tok_s'), '.0f')} | {_f(s2.get('tok_s'), '.0f')} "
+            f"| {_f(r2.get('tok_s'), '.2f')} | {_f(r2.get('p99_s'), '.2f')} | {_ok(row['target_served_tp2_ok'])} |"
+        )
+    itl = report.get("itl_c1")
+    lines += [""]
+    if itl:
+        lines.append(f"Served ITL at c=1: TP=2 {itl['tp2_ms']:.2f} ms, TP=1 {itl['tp1_ms']:.2f} ms "
+                     f"(target: TP=2 below TP=1): {_ok(itl['ok'])}.")
+    else:
+        lines.append("Served ITL at c=1, TP=2 against TP=1: n/a (a side was not run).")
+    floors = report["weight_read_floor_ms"]
+    lines += ["", f"Weight-read floor per decode step (GPU 0's copy bandwidth): TP=1 {_f(floors['1'], '.2f')} ms, "
+              f"TP=2 {_f(floors['2'], '.2f')} ms (each rank reads half the weights).", ""]
+    lines += [
+        "Per GPU, served (NVML utilization and memory from Triton's `/metrics`, sampled during the level; "
+        "MBU = weight bytes / TP x engine steps/s / the GPU's copy bandwidth):",
+        "",
+        "| TP | c | GPU | rank | NVML util mean / max | memory used max (GiB) | engine steps/s | MBU |",
+        "|---:|---:|---:|---|---|---:|---:|---:|",
+    ]
+    for tp in ("1", "2"):
+        for row in report["levels"]:
+            s = row["served"][tp]
+            if not s:
+                continue
+            for g in s["gpus"]:
+                mem = g.get("memory_used_max_bytes")
+                lines.append(
+                    f"| {tp} | {row['concurrency']} | {g['gpu']} | {_f(g['rank'], 'd')} "
+                    f"| {_pct(g.get('util_mean_pct'))} / {_pct(g.get('util_max_pct'))} "
+                    f"| {_f(None if mem is None else mem / GIB, '.1f')} | {_f(s['steps_per_s'], '.1f')} "
+                    f"| {_pct(g['mbu_pct'], '.1f')} |"
+                )
+    lines += [""] + _placement_lines(report)
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Throughput and P99 against concurrency (served / in-process, TP=1 / TP=2), per-GPU NVML utilization bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tp, ax_lat, ax_util) = plt.subplots(1, 3, figsize=(15, 4.4))
+    styles = {("served", "1"): "o-", ("served", "2"): "s-", ("inprocess", "1"): "o--", ("inprocess", "2"): "s--"}
+    for (side, tp), style in styles.items():
+        points = [(r["concurrency"], r[side][tp]) for r in report["levels"] if r[side][tp]]
+        if not points:
+            continue
+        label = f"{'served gpu-vllm' if side == 'served' else 'vLLM in-process'} TP={tp}"
+        cs = [c for c, _ in points]
+        ax_tp.plot(cs, [p["tok_s"] for _, p in points], style, label=label)
+        ax_lat.plot(cs, [p["p99_s"] for _, p in points], style, label=label)
+    for ax, title, ylabel in ((ax_tp, "Throughput", "output tokens/s"), (ax_lat, "P99 latency", "seconds")):
+        ax.set(xlabel="concurrent requests", ylabel=ylabel, title=title)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    ax_tp.legend(fontsize=8)
+    bars = []  # (label, {c: util})
+    for tp in ("1", "2"):
+        gpus = sorted({g["gpu"] for r in report["levels"] if r["served"][tp] for g in r["served"][tp]["gpus"]}, key=str)
+        for gpu in gpus:
+            values = {
+                r["concurrency"]: g.get("util_mean_pct")
+                for r in report["levels"] if r["served"][tp]
+                for g in r["served"][tp]["gpus"] if g["gpu"] == gpu
+            }
+            bars.append((f"TP={tp} GPU {gpu}", values))
+    cs = [r["concurrency"] for r in report["levels"]]
+    width = 0.8 / max(1, len(bars))
+    for i, (label, values) in enumerate(bars):
+        x = [j + i * width for j in range(len(cs))]
+        ax_util.bar(x, [values.get(c) or 0.0 for c in cs], width, label=label)
+    ax_util.set_xticks([j + width * (len(bars) - 1) / 2 for j in range(len(cs))], [str(c) for c in cs])
+    ax_util.set(xlabel="concurrent requests", ylabel="NVML utilization mean (%)", title="Served, per GPU")
+    ax_util.set_ylim(0, 105)
+    ax_util.grid(alpha=0.3, axis="y")
+    if bars:
+        ax_util.legend(fontsize=8)
+    if report["not_run"]:
+        ax_util.text(0.02, 0.02, "not run: " + "; ".join(w.split(":")[0] for w in report["not_run"]),
+                     transform=ax_util.transAxes, fontsize=7, va="bottom")
+    hw = report.get("hardware") or {}
+    fig.suptitle(f"9B shape, 512+-32 in / 256 out, 1/4 image, 1/4 10 s clip - {hw.get('gpu_model')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(folder: Path) -> dict[str, Any]:
+    """Build the report and write ``tp-report.json``, ``tp-report.md`` and ``tp-report.png`` into ``folder``."""
+    report = build(folder)
+    (folder / "tp-report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (folder / "tp-report.md").write_text(markdown(report))
+    plot(report, folder / "tp-report.png")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``bench ARGS...``, ``placement REPO``, or ``report FOLDER`` (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return run_bench(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m bench.tp_report", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("bench", help="python -m bench with per-GPU utilization and memory (arguments as bench's)")
+    place = sub.add_parser("placement", help="where each model of a rendered repository runs")
+    place.add_argument("repo", type=Path)
+    place.add_argument("--pin-gpu", type=int, help="pin unpinned KIND_GPU instance groups to this GPU first")
+    place.add_argument("--out", type=Path)
+    rep = sub.add_parser("report", help="join a tools/tp_measure.sh folder into tp-report.{json,md,png}")
+    rep.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.command == "placement":
+        result = placement(args.repo, args.pin_gpu)
+        text = json.dumps(result, indent=1) + "\n"
+        if args.out:
+            args.out.write_text(text)
+        sys.stdout.write(text)
+        return 0
+    report = write(args.folder)
+    sys.stdout.write(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
