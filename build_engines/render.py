@@ -174,6 +174,10 @@ def template_values(spec: ModelSpec, bundle: dict[str, Any], profile: Profile) -
         values.update(gpu_profile_values(values, profile))
     else:
         values["python_engine_parameters"] = parameters_block(python_engine_parameters(spec, profile, values["vocab_size"]))
+        if profile.device_id is not None:
+            # gpu-hf / gpu-vllm: the KIND_GPU models (DALI, encoders) on the profile's GPU only; unpinned,
+            # Triton would give them an instance on every visible GPU, beside vLLM's other TP ranks.
+            values["instance_gpus"] = f"    gpus: [ {profile.device_id} ]"
     return values
 
 

@@ -68,6 +68,22 @@ def test_gpu_vllm_repository_renders_and_names_its_engine(bundle_dir: Path, tmp_
     assert cpu["engine"] == "transformers" and "max_model_len" not in cpu
 
 
+def test_gpu_vllm_pins_its_gpu_models_to_gpu_0(bundle_dir: Path, tmp_path: Path) -> None:
+    """At TP=2 vLLM's second rank owns GPU 1: DALI and the encoders must not get instances there."""
+    configs = load_repository_configs(
+        render_repository(bundle_dir, tmp_path / "repo", "gpu-vllm", overrides={"serving.tensor_parallel_size": "2"})
+    )
+    gpu_models = {
+        name: [list(g.gpus) for g in config.instance_group]
+        for name, config in configs.items()
+        if any(g.kind == g.KIND_GPU for g in config.instance_group)
+    }
+    assert set(gpu_models) == {"image_preprocess", "audio_preprocess", "vision_encoder", "audio_encoder"}
+    assert all(groups == [[0]] for groups in gpu_models.values()), gpu_models
+    cpu = load_repository_configs(render_repository(bundle_dir, tmp_path / "cpu", "cpu"))
+    assert all(not g.gpus for config in cpu.values() for g in config.instance_group)
+
+
 def test_gpu_vllm_engine_settings_come_from_the_spec(bundle_dir: Path, tmp_path: Path) -> None:
     overrides = {
         "serving.tensor_parallel_size": "2",
