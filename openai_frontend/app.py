@@ -194,6 +194,47 @@ def _from_triton(err: TritonError, parsed: ParsedMessages) -> APIError:
     return bad_request(f"{param}: {err.message}" if param else err.message, param, "rejected_by_model")
 
 
+class StopText:
+    """OpenAI ``stop`` semantics on streamed text: the answer ends before the first stop string.
+
+    The engine stops on the stop strings' token sequences and keeps them (TensorRT-LLM's
+    behaviour); OpenAI clients expect the text to end just before the first occurrence of
+    any stop string, also one the tokenizer splits differently in context. Text that could
+    still be the start of a stop string (the last ``len(longest stop) - 1`` characters) is
+    held back until the next piece shows it is not.
+
+    Args:
+        stops: The request's stop strings (empty ones are ignored).
+    """
+
+    def __init__(self, stops: tuple[str, ...] | list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        """Add a piece of the answer; return what can be sent now (sets :attr:`hit` at a stop string)."""
+        if self.hit:
+            return ""
+        self.pending += text
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit = True
+            out, self.pending = self.pending[: min(found)], ""
+            return out
+        if len(self.pending) <= self.hold:
+            return ""
+        cut = len(self.pending) - self.hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        """The held-back tail once the answer has ended without a stop string."""
+        out, self.pending = ("" if self.hit else self.pending), ""
+        return out
+
+
 class _Usage:
     """Token counts and timings of one answer, as the stream goes."""
 
@@ -367,18 +408,23 @@ def create_app(config: FrontendConfig) -> FastAPI:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _stream(first, chunks, header, usage, sampling.max_tokens, include_usage, parsed),
+                _stream(first, chunks, header, usage, sampling, include_usage, parsed),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         text: list[str] = []
+        stop = StopText(sampling.stop_words)
         try:
             if first is not None:
                 usage.add(first)
-                text.append(first.text)
-                async for chunk in chunks:
+                text.append(stop.push(first.text))
+                while not stop.hit:  # at a stop string, closing the stream below cancels the rest
+                    chunk = await anext(chunks, None)
+                    if chunk is None:
+                        break
                     usage.add(chunk)
-                    text.append(chunk.text)
+                    text.append(stop.push(chunk.text))
+            text.append(stop.flush())
         except TritonError as err:
             raise _from_triton(err, parsed) from None
         finally:
@@ -394,7 +440,7 @@ def create_app(config: FrontendConfig) -> FastAPI:
                         "index": 0,
                         "message": {"role": "assistant", "content": "".join(text)},
                         "logprobs": None,
-                        "finish_reason": usage.finish_reason(sampling.max_tokens),
+                        "finish_reason": "stop" if stop.hit else usage.finish_reason(sampling.max_tokens),
                     }
                 ],
                 "usage": usage.body(),
@@ -407,7 +453,7 @@ def create_app(config: FrontendConfig) -> FastAPI:
         chunks: AsyncIterator[Chunk],
         header: dict[str, Any],
         usage: _Usage,
-        max_tokens: int,
+        sampling: Sampling,
         include_usage: bool,
         parsed: ParsedMessages,
     ) -> AsyncIterator[bytes]:
@@ -419,19 +465,25 @@ def create_app(config: FrontendConfig) -> FastAPI:
             return _sse({**base, "choices": [choice], **extra})
 
         ended = False
+        stop = StopText(sampling.stop_words)
         try:
             yield event({"role": "assistant", "content": ""})
             if first is not None:
                 usage.add(first)
-                if first.text:
-                    yield event({"content": first.text})
-                async for chunk in chunks:
+                if text := stop.push(first.text):
+                    yield event({"content": text})
+                while not stop.hit:  # at a stop string, closing the stream below cancels the rest
+                    chunk = await anext(chunks, None)
+                    if chunk is None:
+                        break
                     usage.add(chunk)
-                    if chunk.text:
-                        yield event({"content": chunk.text})
+                    if text := stop.push(chunk.text):
+                        yield event({"content": text})
+            if text := stop.flush():
+                yield event({"content": text})
             ended = True
             usage.record()
-            yield event({}, usage.finish_reason(max_tokens))
+            yield event({}, "stop" if stop.hit else usage.finish_reason(sampling.max_tokens))
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": usage.body()})
             yield _sse("[DONE]")

@@ -271,3 +271,18 @@ def test_parts_become_placeholders_in_place() -> None:
     ]
     assert parsed.image == b"\x89PNG..." and parsed.audio == b"RIFF....WAVE"
     assert (parsed.image_param, parsed.audio_param) == ("messages[1].content[1]", "messages[3].content[0]")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_stop_text_ends_before_the_first_stop_string_in_any_split(size: int) -> None:
+    from openai_frontend.app import StopText
+
+    answer = "alpha beta STOP gamma END delta"
+    for stops, expected in (((" END", "STOP"), "alpha beta "), (("zzz",), answer), ((), answer), (("a",), "")):
+        trimmer = StopText(stops)
+        pieces = [trimmer.push(answer[i : i + size]) for i in range(0, len(answer), size)]
+        out = "".join(pieces) + trimmer.flush()
+        assert out == expected, (stops, size, pieces)
+        assert trimmer.hit == (expected != answer)
+        # Nothing sent is ever taken back: every piece is a prefix extension of the expected text.
+        assert expected.startswith("".join(pieces))
