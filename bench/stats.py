@@ -225,3 +225,23 @@ def fmt(value: float | None, spec: str = ".3f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return format(value, spec)
+
+
+def flat_figures(stats: dict[str, Any]) -> dict[str, Any]:
+    """The report figures of a :meth:`RunStats.to_dict` (or a dict with its keys), in report units.
+
+    Returns:
+        ``tok_s``, ``req_s``, ``latency_avg_s``, ``p99_s`` (latency), ``ttft_ms``,
+        ``ttft_p99_ms``, ``itl_ms``, ``itl_p99_ms`` (means and P99s) and ``errors``.
+    """
+    return {
+        "tok_s": stats["output_tokens_per_s"],
+        "req_s": stats["requests_per_s"],
+        "latency_avg_s": stats["latency_avg_s"],
+        "p99_s": stats["latency_p99_s"],
+        "ttft_ms": stats["ttft_avg_s"] * 1e3,
+        "ttft_p99_ms": stats["ttft_p99_s"] * 1e3,
+        "itl_ms": stats["itl_avg_s"] * 1e3,
+        "itl_p99_ms": stats["itl_p99_s"] * 1e3,
+        "errors": stats["errors"],
+    }

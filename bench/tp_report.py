@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.stats import flat_figures
 from bench.triton_stats import scrape_metrics
 from bench.utilization import UtilizationSampler
 
@@ -314,15 +315,7 @@ def served_row(
         unlisted = {"gpu": uuid, "name": None, "rank": None, "copy_bandwidth_gbs": None, "mbu_pct": None}
         per_gpu.append({**unlisted, **figures})
     return {
-        "tok_s": s["output_tokens_per_s"],
-        "req_s": s["requests_per_s"],
-        "latency_avg_s": s["latency_avg_s"],
-        "p99_s": s["latency_p99_s"],
-        "ttft_ms": s["ttft_avg_s"] * 1e3,
-        "ttft_p99_ms": s["ttft_p99_s"] * 1e3,
-        "itl_ms": s["itl_avg_s"] * 1e3,
-        "itl_p99_ms": s["itl_p99_s"] * 1e3,
-        "errors": s["errors"],
+        **flat_figures(s),
         "steps_per_s": steps,
         "mean_batch": engine.get("mean_batch"),
         "bench_mbu_pct": level.get("model_bandwidth_utilization_pct"),
@@ -333,17 +326,7 @@ def served_row(
 
 def inprocess_row(level: dict[str, Any]) -> dict[str, Any]:
     """One level of a :mod:`bench.vllm_inprocess` file, flat."""
-    return {
-        "tok_s": level["output_tokens_per_s"],
-        "req_s": level["requests_per_s"],
-        "latency_avg_s": level["latency_avg_s"],
-        "p99_s": level["latency_p99_s"],
-        "ttft_ms": level["ttft_avg_s"] * 1e3,
-        "ttft_p99_ms": level["ttft_p99_s"] * 1e3,
-        "itl_ms": level["itl_avg_s"] * 1e3,
-        "itl_p99_ms": level["itl_p99_s"] * 1e3,
-        "errors": level["errors"],
-    }
+    return flat_figures(level)
 
 
 RATIO_KEYS = ("tok_s", "p99_s", "ttft_ms", "itl_ms")

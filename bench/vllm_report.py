@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.stats import flat_figures
+
 TARGETS = {"tok_s_ratio": 0.9, "p99_ratio": 1.2, "itl_floor_ratio": 1.5, "mbu_pct": 55.0}
 
 
@@ -48,41 +50,19 @@ def _row(level: dict[str, Any] | None) -> dict[str, Any] | None:
     """The figures of one served level, flat."""
     if level is None:
         return None
-    s = level["stats"]
     return {
-        "tok_s": s["output_tokens_per_s"],
-        "req_s": s["requests_per_s"],
-        "latency_avg_s": s["latency_avg_s"],
-        "p99_s": s["latency_p99_s"],
-        "ttft_ms": s["ttft_avg_s"] * 1e3,
-        "ttft_p99_ms": s["ttft_p99_s"] * 1e3,
-        "itl_ms": s["itl_avg_s"] * 1e3,
-        "itl_p99_ms": s["itl_p99_s"] * 1e3,
+        **flat_figures(level["stats"]),
         "mean_batch": level["engine"].get("mean_batch"),
         "mbu_pct": level.get("model_bandwidth_utilization_pct"),
         "gpu_util_pct": level["utilization"].get("mean_pct"),
-        "errors": s["errors"],
         "models": level.get("models", {}),
-    }
-
-
-def _anchor_row(level: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "tok_s": level["output_tokens_per_s"],
-        "req_s": level["requests_per_s"],
-        "latency_avg_s": level["latency_avg_s"],
-        "p99_s": level["latency_p99_s"],
-        "ttft_ms": level["ttft_avg_s"] * 1e3,
-        "ttft_p99_ms": level["ttft_p99_s"] * 1e3,
-        "itl_ms": level["itl_avg_s"] * 1e3,
-        "itl_p99_ms": level["itl_p99_s"] * 1e3,
     }
 
 
 def build(folder: Path, floor_ms: float | None) -> dict[str, Any]:
     """Join the run's files into one comparison (see the module docstring)."""
     anchor = json.loads((folder / "inprocess.json").read_text())
-    inproc = {lv["concurrency"]: _anchor_row(lv) for lv in anchor["levels"]}
+    inproc = {lv["concurrency"]: flat_figures(lv) for lv in anchor["levels"]}
     served = {c: _row(lv) for c, lv in _served(folder, "served").items()}
     variants = {
         path.name.removeprefix("unpaced-"): {c: _row(lv) for c, lv in _served(folder, path.name).items()}

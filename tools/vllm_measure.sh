@@ -32,10 +32,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 log() { echo "[vllm_measure $(date +%H:%M:%S)] $*" >&2; }
 
-WORKLOAD=(--input-tokens 512 --input-spread 32 --output-tokens 256 --image-share 0.25 --audio-share 0.25
-  --audio-seconds 10)
-C1_REQUESTS=${C1_REQUESTS:-16}
-REQUESTS=${REQUESTS:-128}
+# shellcheck source=tools/measure_lib.sh
+. "$ROOT/tools/measure_lib.sh"  # WORKLOAD, C1_REQUESTS, REQUESTS, serve_start, serve_stop
 
 render() {  # render NAME PROFILE [--set k=v ...]
   local name=$1 profile=$2
@@ -44,25 +42,6 @@ render() {  # render NAME PROFILE [--set k=v ...]
     --set serving.tensor_parallel_size=1 "$@" >/dev/null
 }
 
-SERVER=
-serve_start() {  # serve_start NAME
-  log "starting tritonserver on repo-$1"
-  "$PY" -m mmtriton.server --model-repository "$WORK/repo-$1" --work-dir "$WORK/server-$1" \
-    --http-port 18000 --grpc-port 18001 --metrics-port 18002 > "$OUT/server-$1.log" 2>&1 &
-  SERVER=$!
-  for _ in $(seq 900); do
-    curl -sf localhost:18000/v2/health/ready >/dev/null 2>&1 && { log "ready"; return 0; }
-    kill -0 "$SERVER" 2>/dev/null || { tail -40 "$OUT/server-$1.log"; exit 1; }
-    sleep 1
-  done
-  log "server not ready in 900 s"; exit 1
-}
-serve_stop() {
-  [ -n "$SERVER" ] || return 0
-  kill -TERM "$SERVER" 2>/dev/null || true
-  wait "$SERVER" 2>/dev/null || true
-  SERVER=
-}
 trap serve_stop EXIT
 
 bandwidth_args() {
