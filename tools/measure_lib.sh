@@ -1,6 +1,14 @@
 # Shared by tools/vllm_measure.sh and tools/tp_measure.sh (sourced, not run): the workload both
 # measure and the tritonserver each of their steps starts and stops.
-# Needs: PY (python), WORK (work folder), OUT (results folder), log (a function printing a line).
+# Needs ROOT (the checkout) and OUT (results folder, created here) set, and TOOL (the log prefix).
+
+WORK=${WORK:-/tmp/mm-work}
+PY=${PYTHON:-python3}
+BUNDLE=$WORK/bundles/glm4-9b-shape
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+log() { echo "[$TOOL $(date +%H:%M:%S)] $*" >&2; }
 
 # 512 +-32 prompt tokens, 256 output tokens (ignore_eos), a quarter with an image, a quarter with a
 # 10 s clip; 16 requests at c=1, REQUESTS (128) at the other levels.

@@ -24,16 +24,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:?output folder}
 shift
 STEPS=${*:-bundle bandwidth inprocess served unpaced before hf report}
-WORK=${WORK:-/tmp/mm-work}
-PY=${PYTHON:-python3}
-BUNDLE=$WORK/bundles/glm4-9b-shape
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-log() { echo "[vllm_measure $(date +%H:%M:%S)] $*" >&2; }
-
+TOOL=vllm_measure
 # shellcheck source=tools/measure_lib.sh
-. "$ROOT/tools/measure_lib.sh"  # WORKLOAD, C1_REQUESTS, REQUESTS, serve_start, serve_stop
+. "$ROOT/tools/measure_lib.sh"  # WORK, PY, BUNDLE, log, WORKLOAD, C1_REQUESTS, REQUESTS, serve_start, serve_stop
 
 render() {  # render NAME PROFILE [--set k=v ...]
   local name=$1 profile=$2
