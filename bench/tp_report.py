@@ -1,13 +1,9 @@
 """TP=1 against TP=2 on the served gpu-vllm repository, each beside vLLM in-process: per-GPU figures and report.
 
-Three commands, all used by ``tools/tp_measure.sh``:
+Two commands, both used by ``tools/tp_measure.sh`` (the served steps run ``python -m bench``,
+whose levels hold NVML utilization and memory per GPU: ``utilization.gpus``, see
+:mod:`bench.utilization`):
 
-- ``python -m bench.tp_report bench BENCH_ARGS...`` runs ``python -m bench`` with
-  :class:`PerGpuSampler` in place of the benchmark's utilization sampler, so every
-  level of ``report.json`` also holds NVML utilization and memory per GPU
-  (``utilization.gpus``, ``utilization_samples[].gpus``), read from the same Triton
-  ``/metrics`` scrape series the benchmark already uses (``nv_gpu_utilization`` and
-  ``nv_gpu_memory_used_bytes``, one series per ``gpu_uuid`` label).
 - ``python -m bench.tp_report placement REPO [--pin-gpu 0] [--out FILE]`` says where
   every model of a rendered repository runs; with ``--pin-gpu`` it first pins the
   KIND_GPU instance groups that name no GPU (DALI preprocessing, encoders) to that GPU
@@ -32,22 +28,20 @@ A missing side (TP=2 on a one-GPU host) is reported as not run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.stats import flat_figures
-from bench.triton_stats import scrape_metrics
-from bench.utilization import UtilizationSampler
+from bench.utilization import summarize_gpus
 
 LOGGER = logging.getLogger(__name__)
+GIB = float(1 << 30)
 
 #: What tools/tp_measure.sh exports before it starts anything: NVLink multicast off in every process.
 NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -56,100 +50,6 @@ TARGET_SERVED_RATIO = 0.9
 TARGET_MIN_C = 16
 TP_SIZES = (1, 2)
 #: The metric series read per GPU (Triton docs/user_guide/metrics.md, "GPU Metrics", label gpu_uuid).
-UTIL_METRIC = "nv_gpu_utilization"
-MEM_USED_METRIC = "nv_gpu_memory_used_bytes"
-MEM_TOTAL_METRIC = "nv_gpu_memory_total_bytes"
-_UUID_LABEL = re.compile(r'gpu_uuid="([^"]*)"')
-GIB = float(1 << 30)
-
-
-# ---------------------------------------------------------------------------------------------- sampling
-
-
-def gpu_figures(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Per-GPU utilization and memory from parsed ``/metrics`` (:func:`bench.triton_stats.parse_metrics`).
-
-    Returns:
-        ``{gpu_uuid: {"util_pct", "memory_used_bytes", "memory_total_bytes"}}``; a GPU
-        has only the keys its series were found for.
-    """
-    names = {UTIL_METRIC: "util_pct", MEM_USED_METRIC: "memory_used_bytes", MEM_TOTAL_METRIC: "memory_total_bytes"}
-    out: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        name, _, labels = key.partition("{")
-        if name not in names:
-            continue
-        found = _UUID_LABEL.search(labels)
-        if not found:
-            continue
-        out.setdefault(found.group(1), {})[names[name]] = 100.0 * value if name == UTIL_METRIC else value
-    return out
-
-
-def summarize_gpus(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Mean and max per GPU over the ``gpus`` entries of a level's samples."""
-    series: dict[str, dict[str, list[float]]] = {}
-    for sample in samples:
-        for uuid, figures in (sample.get("gpus") or {}).items():
-            per = series.setdefault(uuid, {})
-            for key, value in figures.items():
-                per.setdefault(key, []).append(float(value))
-    out: dict[str, dict[str, Any]] = {}
-    for uuid, per in series.items():
-        util, used, total = per.get("util_pct", []), per.get("memory_used_bytes", []), per.get("memory_total_bytes", [])
-        out[uuid] = {
-            "samples": max(len(util), len(used)),
-            "util_mean_pct": float(np.mean(util)) if util else None,
-            "util_max_pct": float(np.max(util)) if util else None,
-            "memory_used_mean_bytes": float(np.mean(used)) if used else None,
-            "memory_used_max_bytes": float(np.max(used)) if used else None,
-            "memory_total_bytes": float(np.max(total)) if total else None,
-        }
-    return out
-
-
-class PerGpuSampler(UtilizationSampler):
-    """The benchmark's sampler plus NVML utilization and memory per GPU.
-
-    Each sample gains ``gpus`` (:func:`gpu_figures` of a scrape taken right after the
-    benchmark's own one); the summary gains ``gpus`` (:func:`summarize_gpus`). Triton
-    refreshes its GPU metrics every ``--metrics-interval-ms`` (2000 ms by default), so
-    consecutive samples may repeat a value.
-    """
-
-    def _sample(self) -> None:
-        super()._sample()
-        figures = gpu_figures(scrape_metrics(self.target.metrics_url, timeout_s=2.0))
-        self.samples[-1]["gpus"] = figures or None  # type: ignore[assignment]
-
-    def stop(self) -> dict[str, Any]:
-        """Stop as the base class does; add the per-GPU summary."""
-        summary = super().stop()
-        summary["gpus"] = summarize_gpus(self.samples)  # type: ignore[arg-type]
-        return summary
-
-
-@contextlib.contextmanager
-def per_gpu_sampling() -> Iterator[None]:
-    """Make :func:`bench.run.run_level` sample with :class:`PerGpuSampler` inside the block."""
-    import bench.run
-
-    original = bench.run.UtilizationSampler
-    bench.run.UtilizationSampler = PerGpuSampler  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        bench.run.UtilizationSampler = original  # type: ignore[misc]
-
-
-def run_bench(argv: list[str]) -> int:
-    """``python -m bench`` (:func:`bench.cli.main`) with per-GPU sampling; its exit code."""
-    from bench.cli import main as bench_main
-
-    with per_gpu_sampling():
-        return bench_main(argv)
-
-
 # --------------------------------------------------------------------------------------------- placement
 
 
@@ -617,13 +517,10 @@ def write(folder: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``bench ARGS...``, ``placement REPO``, or ``report FOLDER`` (see the module docstring)."""
+    """CLI: ``placement REPO`` or ``report FOLDER`` (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        return run_bench(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench.tp_report", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("bench", help="python -m bench with per-GPU utilization and memory (arguments as bench's)")
     place = sub.add_parser("placement", help="where each model of a rendered repository runs")
     place.add_argument("repo", type=Path)
     place.add_argument("--pin-gpu", type=int, help="pin unpinned KIND_GPU instance groups to this GPU first")

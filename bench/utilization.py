@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,52 @@ from bench.triton_stats import ServerTarget, metric_sum, metric_values, scrape_m
 
 LOGGER = logging.getLogger(__name__)
 SAMPLE_PERIOD_S = 0.5
+UTIL_METRIC = "nv_gpu_utilization"
+MEM_USED_METRIC = "nv_gpu_memory_used_bytes"
+MEM_TOTAL_METRIC = "nv_gpu_memory_total_bytes"
+_UUID_LABEL = re.compile(r'gpu_uuid="([^"]*)"')
+
+
+def gpu_figures(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per-GPU utilization and memory from parsed ``/metrics`` (:func:`bench.triton_stats.parse_metrics`).
+
+    Returns:
+        ``{gpu_uuid: {"util_pct", "memory_used_bytes", "memory_total_bytes"}}``; a GPU
+        has only the keys its series were found for.
+    """
+    names = {UTIL_METRIC: "util_pct", MEM_USED_METRIC: "memory_used_bytes", MEM_TOTAL_METRIC: "memory_total_bytes"}
+    out: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        name, _, labels = key.partition("{")
+        if name not in names:
+            continue
+        found = _UUID_LABEL.search(labels)
+        if not found:
+            continue
+        out.setdefault(found.group(1), {})[names[name]] = 100.0 * value if name == UTIL_METRIC else value
+    return out
+
+
+def summarize_gpus(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean and max per GPU over the ``gpus`` entries of a level's samples."""
+    series: dict[str, dict[str, list[float]]] = {}
+    for sample in samples:
+        for uuid, figures in (sample.get("gpus") or {}).items():
+            per = series.setdefault(uuid, {})
+            for key, value in figures.items():
+                per.setdefault(key, []).append(float(value))
+    out: dict[str, dict[str, Any]] = {}
+    for uuid, per in series.items():
+        util, used, total = per.get("util_pct", []), per.get("memory_used_bytes", []), per.get("memory_total_bytes", [])
+        out[uuid] = {
+            "samples": max(len(util), len(used)),
+            "util_mean_pct": float(np.mean(util)) if util else None,
+            "util_max_pct": float(np.max(util)) if util else None,
+            "memory_used_mean_bytes": float(np.mean(used)) if used else None,
+            "memory_used_max_bytes": float(np.max(used)) if used else None,
+            "memory_total_bytes": float(np.max(total)) if total else None,
+        }
+    return out
 
 
 class _ProcessTreeCpu:
@@ -58,8 +105,10 @@ class UtilizationSampler:
     Each sample has ``t_s`` (seconds since ``t0``), ``gpu_util_pct`` (mean of
     ``nv_gpu_utilization`` over GPUs, when the server exports it), ``server_cpu_pct``
     (CPU time of the server process tree over the interval, in % of all cores of this
-    machine), ``client_cpu_pct`` (this process, same unit) and ``in_flight`` (the
-    engine's running requests).
+    machine), ``client_cpu_pct`` (this process, same unit), ``in_flight`` (the
+    engine's running requests) and ``gpus`` (:func:`gpu_figures`: utilization and memory
+    of each GPU, or None without GPU metrics). Triton refreshes its GPU metrics every
+    ``--metrics-interval-ms`` (2000 ms by default), so consecutive samples may repeat a value.
 
     Args:
         target: Server to sample (metrics URL and pid).
@@ -95,13 +144,14 @@ class UtilizationSampler:
     def _sample(self) -> None:
         now, server, client = self._cpu()
         metrics = scrape_metrics(self.target.metrics_url, timeout_s=2.0)
-        gpu = metric_values(metrics, "nv_gpu_utilization")
+        gpu = metric_values(metrics, UTIL_METRIC)
         sample: dict[str, float | None] = {
             "t_s": now - self.t0,
             "gpu_util_pct": 100.0 * float(np.mean(gpu)) if gpu else None,
             "server_cpu_pct": None,
             "client_cpu_pct": None,
             "in_flight": metric_sum(metrics, "mmtriton_engine_requests_in_flight"),
+            "gpus": gpu_figures(metrics) or None,  # type: ignore[dict-item]
         }
         if self._last is not None and now > self._last[0]:
             wall = (now - self._last[0]) * self.cores
@@ -127,7 +177,8 @@ class UtilizationSampler:
         Returns:
             ``source`` (``gpu``, ``server_cpu`` or ``none``), ``mean_pct`` and ``max_pct``
             of that source over the run (for CPU the mean is exact: CPU seconds of the
-            tree over wall seconds x cores), the client's mean CPU %, and ``cores``.
+            tree over wall seconds x cores), the client's mean CPU %, ``cores``, and ``gpus``
+            (:func:`summarize_gpus`, per GPU; empty without GPU metrics).
         """
         self._stop.set()
         self._thread.join(timeout=10)
@@ -144,6 +195,7 @@ class UtilizationSampler:
             100.0 * (self._last[1] - self._start_cpu[1]) / wall if wall > 0 and self._server is not None else None
         )
         summary["server_cpu_mean_pct"] = server_mean
+        summary["gpus"] = summarize_gpus(self.samples)  # type: ignore[arg-type]
         if gpu:
             summary.update(source="gpu", mean_pct=float(np.mean(gpu)), max_pct=float(np.max(gpu)))
         elif server:

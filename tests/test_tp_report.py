@@ -24,6 +24,7 @@ from bench.report import report_dict
 from bench.run import ConfigResult, LevelResult
 from bench.stats import RequestTiming, summarize
 from bench.triton_stats import ServerTarget
+from bench.utilization import summarize_gpus
 from bench.workload import BenchSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def served_tp2(folder: Path, name: str, levels: dict[int, tuple[float, float]], 
         results.append(LevelResult(
             concurrency=c, stats=stats, records=[], start_s=0.0, end_s=stats.duration_s, models={},
             engine={"available": True, "steps_per_s": steps_per_s, "mean_batch": float(c)},
-            utilization={"source": "gpu", "mean_pct": 70.0, "max_pct": 80.0, "gpus": tp_report.summarize_gpus(samples)},
+            utilization={"source": "gpu", "mean_pct": 70.0, "max_pct": 80.0, "gpus": summarize_gpus(samples)},
             samples=samples, short_outputs=0, token_count_mismatches=0, mbu_pct=None,
         ))
     config = ConfigResult(label="run", repo=None, repository_manifest=None, server={}, warmup=[], levels=results)
@@ -213,10 +214,12 @@ def metrics_url() -> Iterator[str]:
     server.server_close()
 
 
-def test_per_gpu_sampler_reads_each_gpu(metrics_url: str) -> None:
+def test_the_benchmark_sampler_reads_each_gpu(metrics_url: str) -> None:
     import time
 
-    sampler = tp_report.PerGpuSampler(ServerTarget("localhost:1", metrics_url), time.perf_counter(), period_s=0.05)
+    from bench.utilization import UtilizationSampler
+
+    sampler = UtilizationSampler(ServerTarget("localhost:1", metrics_url), time.perf_counter(), period_s=0.05)
     sampler.start()
     time.sleep(0.3)
     summary = sampler.stop()
@@ -228,15 +231,6 @@ def test_per_gpu_sampler_reads_each_gpu(metrics_url: str) -> None:
     assert gpus[UUIDS[1]]["memory_used_max_bytes"] == 1.0e11
     assert gpus[UUIDS[0]]["memory_total_bytes"] == 1.5e11
     assert all(s["gpus"][UUIDS[0]]["util_pct"] == pytest.approx(90.0) for s in sampler.samples)
-
-
-def test_per_gpu_sampling_replaces_and_restores_the_bench_sampler() -> None:
-    import bench.run
-
-    original = bench.run.UtilizationSampler
-    with tp_report.per_gpu_sampling():
-        assert bench.run.UtilizationSampler is tp_report.PerGpuSampler
-    assert bench.run.UtilizationSampler is original
 
 
 def test_placement_reports_preprocessing_and_encoders_on_gpu0(bundle_dir: Path, tmp_path: Path) -> None:

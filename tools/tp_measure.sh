@@ -23,8 +23,8 @@
 # one-GPU measurement again. Preprocessing (DALI) and the encoders run on GPU 0: the script pins their
 # KIND_GPU instance groups of the rendered copy to GPU 0 (the gpu-vllm render leaves them on every
 # visible GPU) and writes where every model runs to placement-tp<N>.json. The served benchmark runs
-# through `bench.tp_report bench`, which is `python -m bench` with NVML utilization and memory sampled
-# per GPU (Triton's nv_gpu_utilization / nv_gpu_memory_used_bytes, one series per gpu_uuid).
+# through `python -m bench`, which samples NVML utilization and memory per GPU (Triton's
+# nv_gpu_utilization / nv_gpu_memory_used_bytes, one series per gpu_uuid).
 #
 # NVLink multicast stays off in every process: the three variables below are exported before anything
 # starts; tritonserver gets this environment (mmtriton.server.server_env copies it), its python backend
@@ -82,7 +82,7 @@ bandwidth_gbs() {  # GPU 0's copy bandwidth (bench's MBU column; the report comp
 }
 
 bench() {  # bench RESULTS_DIR CONCURRENCY REQUESTS
-  "$PY" -m bench.tp_report bench --url localhost:18001 --metrics-url http://localhost:18002/metrics \
+  "$PY" -m bench --url localhost:18001 --metrics-url http://localhost:18002/metrics \
     --server-pid "$SERVER" --concurrency "$2" --requests "$3" "${WORKLOAD[@]}" --warmup 4 --timeout 900 \
     --copy-bandwidth-gbs "$(bandwidth_gbs)" --results-dir "$OUT/$1" 2>&1 | grep -E "^\[|tok/s|Error|error" | tail -8
 }
