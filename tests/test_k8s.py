@@ -1,0 +1,774 @@
+"""The Kubernetes deployment (``deploy/k8s``), checked without a cluster.
+
+- Every overlay renders with ``kubectl kustomize`` and every object validates offline:
+  built-in kinds against the Kubernetes API's JSON schemas (``kubernetes-validate``,
+  strict), the ``PodMonitor`` CRD structurally (``tests/k8s_checks.py``).
+- The checks the compose files have: GPUs = tensor parallel size (spec, render plan, the
+  worker's own start-up check run with stand-in tools), image tags = ``stack.toml``,
+  probe / Service / PodMonitor / NetworkPolicy ports = container ports, /dev/shm and
+  start-up time like compose, model control off, non-root and read-only root filesystem.
+- Autoscaling: the HPA's metric is made by the prometheus-adapter rule; the rule's source
+  metric is on the real CPU server's ``/metrics``; the rule's query, evaluated by
+  ``promtool`` on counters the real server produced, gives requests in flight per pod;
+  the target is what ``tools/k8s_capacity.py`` computes from the H200 measurement.
+- The liveness probe command, as written in the manifest, passes against a healthy real
+  server and fails within its timeout when inference is wedged (a stub stopped with SIGSTOP).
+- gRPC balancing: the front door's URL is the headless Service; its client reaches Triton
+  through a ``dns:///`` target; streams spread over several worker addresses only with
+  gRPC's round_robin policy (stand-in workers on loopback addresses).
+- ``tools/k8s_capacity.py`` against an independent computation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from build_engines.render import PROFILES, python_engine_parameters, render_repository, verify_repository
+from build_engines.stack import load_stack
+from mmtriton import tp_launcher
+from mmtriton.spec import load_spec
+from tests.k8s_checks import (
+    K8S,
+    OVERLAYS,
+    ROOT,
+    arg,
+    check_podmonitor,
+    container,
+    container_ports,
+    find,
+    ingress_allowed,
+    kubectl,
+    pod_spec,
+    render,
+    selects,
+    validate_builtin,
+    validator,
+)
+from tools import k8s_capacity
+
+STACK = load_stack()
+SPECS = ROOT / "build_engines" / "specs"
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "triton.json"
+REPORT = k8s_capacity.DEFAULT_REPORT
+#: overlay -> (profile, spec name, compose service it translates)
+OVERLAY_SPECS = {
+    "vllm-1gpu": ("gpu-vllm", "tiny-gpu", "triton-vllm"),
+    "vllm-tp2": ("gpu-vllm", "glm4-9b-shape", "triton-vllm"),
+    "trtllm-tp2": ("gpu-trtllm", "tiny-gpu", "triton"),
+}
+NAMESPACE_LABELS = {"mmtriton": {"kubernetes.io/metadata.name": "mmtriton"}}
+MONITORING_LABELS = {"kubernetes.io/metadata.name": "monitoring"}
+TRITON_EXIT_TIMEOUT_S = 30  # --exit-timeout-secs of the vLLM command and tp_launcher's default
+
+
+def workloads(objs: list[dict]) -> list[dict]:
+    return [o for o in objs if o["kind"] in ("Deployment", "Job")]
+
+
+def quantity_bytes(text: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "gb": 2**30, "mb": 2**20}
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|gb|mb)", str(text))
+    assert match, text
+    return int(match.group(1)) * units[match.group(2)]
+
+
+def adapter_rules(objs: list[dict]) -> list[dict]:
+    config = find(objs, "ConfigMap", "mmtriton-prometheus-adapter-rules")
+    return yaml.safe_load(config["data"]["config.yaml"])["rules"]
+
+
+# --- rendering and schema validation -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_every_object(overlay: str) -> None:
+    objs = render(overlay)
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objs}
+    expected = {
+        ("Namespace", "mmtriton"),
+        ("PersistentVolumeClaim", "mmtriton-build"),
+        ("Job", "build-repository"),
+        ("Deployment", "triton-worker"),
+        ("Service", "triton"),
+        ("Service", "triton-grpc"),
+        ("PodDisruptionBudget", "triton-worker"),
+        ("HorizontalPodAutoscaler", "triton-worker"),
+        ("Deployment", "openai-frontdoor"),
+        ("Service", "openai"),
+        ("HorizontalPodAutoscaler", "openai-frontdoor"),
+        ("PodDisruptionBudget", "openai-frontdoor"),
+        ("PodMonitor", "triton-worker"),
+        ("PodMonitor", "openai-frontdoor"),
+        ("NetworkPolicy", "default-deny-ingress"),
+        ("NetworkPolicy", "triton-worker-ingress"),
+        ("NetworkPolicy", "openai-frontdoor-ingress"),
+        ("ConfigMap", "mmtriton-prometheus-adapter-rules"),
+        ("ConfigMap", "mmtriton-grafana-dashboard"),
+    }
+    assert kinds == expected
+    assert len(kinds) == len(objs), "an object is rendered twice"
+    monitoring = {o["metadata"]["name"] for o in objs if o["metadata"].get("namespace") == "monitoring"}
+    assert monitoring == {"mmtriton-prometheus-adapter-rules", "mmtriton-grafana-dashboard"}
+    for obj in objs:
+        if obj["kind"] != "Namespace" and obj["metadata"]["name"] not in monitoring:
+            assert obj["metadata"]["namespace"] == "mmtriton", obj["metadata"]["name"]
+        assert "overlay-sets" not in json.dumps(obj), f"{obj['kind']}/{obj['metadata']['name']} keeps a base placeholder"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_validates_offline(overlay: str) -> None:
+    kv = validator()
+    problems = []
+    for obj in render(overlay):
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] == "PodMonitor":
+            problems += [f"{name}: {p}" for p in check_podmonitor(obj)]
+            continue
+        try:
+            validate_builtin(obj)
+        except kv.utils.SchemaNotFoundError as err:
+            problems.append(f"{name}: {err.message}")
+        except Exception as err:  # noqa: BLE001 - jsonschema's error, with its path
+            problems.append(f"{name}: {'.'.join(map(str, getattr(err, 'path', [])))}: {getattr(err, 'message', err)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_validators_reject_broken_objects() -> None:
+    objs = render("vllm-1gpu")
+    worker = copy.deepcopy(find(objs, "Deployment", "triton-worker"))
+    validate_builtin(worker)
+    typo = copy.deepcopy(worker)
+    next(v for v in pod_spec(typo)["volumes"] if v["name"] == "shm")["emptyDir"]["sizeLimt"] = "8Gi"
+    wrong_type = copy.deepcopy(worker)
+    container(wrong_type, "triton")["livenessProbe"]["periodSeconds"] = "30s"
+    for broken in (typo, wrong_type):
+        with pytest.raises(Exception, match=r"sizeLimt|'30s' is not of type 'integer'"):
+            validate_builtin(broken)
+    monitor = copy.deepcopy(find(objs, "PodMonitor", "triton-worker"))
+    assert check_podmonitor(monitor) == []
+    monitor["spec"]["podMetricsEndpoints"][0]["intervall"] = "15s"
+    monitor["spec"]["podMetricsEndpoints"][0]["scrapeTimeout"] = "ten seconds"
+    del monitor["spec"]["selector"]
+    assert check_podmonitor(monitor) == ["spec.selector: required"]
+    monitor["spec"]["selector"] = {"matchLabels": {"a": "b"}}
+    assert check_podmonitor(monitor) == [
+        "spec.podMetricsEndpoints[0].intervall: unknown field",
+        "spec.podMetricsEndpoints[0].scrapeTimeout: not a duration",
+    ]
+
+
+def test_kustomize_refuses_a_broken_overlay(tmp_path: Path) -> None:
+    broken = tmp_path / "overlay"
+    broken.mkdir()
+    base = os.path.relpath(K8S / "base", broken)
+    (broken / "kustomization.yaml").write_text(f"resources:\n  - {base}\npatches:\n  - path: missing.yaml\n")
+    result = subprocess.run([kubectl(), "kustomize", str(broken)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "missing.yaml" in result.stderr
+
+
+# --- GPUs, images, repository, compose parity ------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpus_equal_tensor_parallel_size(overlay: str, tmp_path: Path) -> None:
+    profile, spec_name, _ = OVERLAY_SPECS[overlay]
+    objs = render(overlay)
+    worker, job = find(objs, "Deployment", "triton-worker"), find(objs, "Job", "build-repository")
+    triton = container(worker, "triton")
+    gpus = int(triton["resources"]["limits"]["nvidia.com/gpu"])
+    assert "nvidia.com/gpu" not in triton["resources"].get("requests", {}) or int(
+        triton["resources"]["requests"]["nvidia.com/gpu"]
+    ) == gpus
+    spec = load_spec(SPECS / f"{spec_name}.toml")
+    repo = f"/workspace/build/repo-{profile}-{spec_name}"
+    env = {e["name"]: e["value"] for e in triton.get("env", [])}
+    assert env["MODEL_REPOSITORY"] == repo
+    build = container(job, "build")
+    build_text = " ".join(build["command"])
+    assert f"--out build/repo-{profile}-{spec_name}" in build_text.replace("\n", " ")
+    assert f"--bundle build/bundles/{spec_name}" in build_text
+    if profile == "gpu-vllm":
+        tp = int(python_engine_parameters(spec, PROFILES["gpu-vllm"], "0")["tensor_parallel_size"])
+        assert gpus == tp == spec.serving.tensor_parallel_size
+        assert "nvidia.com/gpu" not in build.get("resources", {}).get("limits", {}), "rendering needs no GPU"
+    else:
+        from build_engines import trtllm_build
+        from tests.test_gpu_trtllm_profile import _onnx_model, write_fake_engine
+
+        bundle = tmp_path / "bundle"
+        (bundle / "llm").mkdir(parents=True)
+        (bundle / "llm" / "config.json").write_text("{}")
+        _onnx_model(bundle / "vision_encoder" / "model.onnx", trtllm_build.VISION_IO)
+        _onnx_model(bundle / "audio_encoder" / "model.onnx", trtllm_build.AUDIO_IO)
+        (bundle / "bundle.json").write_text(json.dumps({"spec": spec.to_dict()}))
+        plan = trtllm_build.plan_gpu_build(spec, bundle, tmp_path / "engines")
+        command = triton["command"]
+        assert command[:3] == ["python3", "-m", "mmtriton.tp_launcher"]
+        assert arg(command, "--model-repository") == repo
+        given = tp_launcher.given_gpus(arg(command, "--gpus"), env={})
+        assert given is not None
+        mapping = write_fake_engine(tmp_path / "engine", tp=plan.llm.tp_size, pp=plan.llm.pp_size)
+        from mmtriton import engine_folder
+
+        world = engine_folder.read_engine_mapping(mapping).world_size
+        assert gpus == len(given) == plan.llm.world_size == world == 2
+        tp_launcher.check_world_size(engine_folder.read_engine_mapping(mapping), given, mapping)
+        assert int(build["resources"]["limits"]["nvidia.com/gpu"]) == plan.llm.world_size
+        assert f"--spec build_engines/specs/{spec_name}.toml" in build_text
+
+
+def _fake_tool(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpu_vllm_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from build_engines.bundle import build_bundle
+
+    spec = load_spec(SPECS / "tiny-gpu.toml")
+    build = Path(os.environ.get("MMTRITON_BUILD", ROOT / "build"))
+    bundle = build_bundle(spec, build / "bundles" / spec.name)
+    return render_repository(bundle, tmp_path_factory.mktemp("k8s-repo") / "repo-gpu-vllm-tiny-gpu", "gpu-vllm")
+
+
+@pytest.mark.parametrize("visible", [1, 2])
+def test_vllm_worker_command_refuses_other_gpu_counts(tiny_gpu_vllm_repo: Path, tmp_path: Path, visible: int) -> None:
+    """The vllm-1gpu worker's own command, with stand-in nvidia-smi and tritonserver, on the rendered repository."""
+    worker = container(find(render("vllm-1gpu"), "Deployment", "triton-worker"), "triton")
+    allocated = int(worker["resources"]["limits"]["nvidia.com/gpu"])
+    assert worker["command"][:2] == ["sh", "-c"]
+    verify_repository(tiny_gpu_vllm_repo)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_tool(bin_dir, "nvidia-smi", "".join(f"echo 'GPU {i}: NVIDIA H200 (UUID: GPU-{i})'\n" for i in range(visible)))
+    record = tmp_path / "tritonserver.args"
+    _fake_tool(bin_dir, "tritonserver", f'printf "%s\\n" "$@" > {record}\n')
+    _fake_tool(bin_dir, "python3", f'exec {sys.executable} "$@"\n')
+    script = worker["command"][2].replace("/opt/tritonserver/bin/tritonserver", str(bin_dir / "tritonserver"))
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "MODEL_REPOSITORY": str(tiny_gpu_vllm_repo),
+    }
+    result = subprocess.run(["sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    if visible == allocated:
+        assert result.returncode == 0, result.stderr
+        args = record.read_text().splitlines()
+        assert f"--model-repository={tiny_gpu_vllm_repo}" in args and "--disable-auto-complete-config" in args
+        assert {"--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"} <= set(args)
+        assert f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}" in args
+        assert not any(a.startswith(("--model-control-mode", "--load-model")) for a in args)
+    else:
+        assert result.returncode == 2 and not record.exists()
+        assert f"has tensor_parallel_size 1 but {visible} GPU(s) are allocated" in result.stderr
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_match_the_stack_and_compose(overlay: str) -> None:
+    profile, _, service = OVERLAY_SPECS[overlay]
+    objs = render(overlay)
+    gpu_tag = STACK.vllm.tag if profile == "gpu-vllm" else f"mmtriton-gpu:{STACK.triton.release}-trtllm-{STACK.tensorrt_llm.version}"
+    assert COMPOSE["services"][service]["image"] == gpu_tag
+    for name in ("triton-worker", "build-repository"):
+        obj = find(objs, "Deployment" if name == "triton-worker" else "Job", name)
+        images = {c["image"] for c in pod_spec(obj)["containers"] + pod_spec(obj).get("initContainers", [])}
+        assert images == {gpu_tag}, name
+    door = find(objs, "Deployment", "openai-frontdoor")
+    assert {c["image"] for c in pod_spec(door)["containers"]} == {STACK.openai_frontend.tag}
+    assert COMPOSE["services"]["openai"]["image"] == STACK.openai_frontend.tag
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_matches_compose_and_drains(overlay: str) -> None:
+    profile, spec_name, service = OVERLAY_SPECS[overlay]
+    composed = COMPOSE["services"][service]
+    worker = find(render(overlay), "Deployment", "triton-worker")
+    spec = pod_spec(worker)
+    triton = container(worker, "triton")
+    # /dev/shm: memory-backed, sized like compose's shm_size.
+    mounts = {m["name"]: m for m in triton["volumeMounts"]}
+    shm = next(v for v in spec["volumes"] if v["name"] == mounts["shm"]["name"] and mounts["shm"]["mountPath"] == "/dev/shm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert quantity_bytes(shm["emptyDir"]["sizeLimit"]) == quantity_bytes(composed["shm_size"])
+    # Start-up as long as compose's start_period; readiness on Triton's ready endpoint.
+    startup = triton["startupProbe"]
+    start_period_s = int(composed["healthcheck"]["start_period"].rstrip("m")) * 60
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= start_period_s
+    for probe in (startup, triton["readinessProbe"]):
+        assert probe["httpGet"]["path"] == "/v2/health/ready"
+    # Liveness: compose's real-inference healthcheck command, with room for both requests.
+    liveness = triton["livenessProbe"]
+    assert ["CMD", *liveness["exec"]["command"]] == composed["healthcheck"]["test"]
+    deadline = float(arg(liveness["exec"]["command"], "--deadline-s"))
+    assert liveness["timeoutSeconds"] >= 2 * deadline + 5
+    # Termination: the preStop sleep, then Triton's exit timeout, within the grace period.
+    pre_stop = triton["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + TRITON_EXIT_TIMEOUT_S + 10
+    command = " ".join(triton["command"])
+    if profile == "gpu-vllm":
+        assert f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}" in command
+        environment = {e["name"]: e["value"] for e in triton["env"]}
+        assert {k: environment[k] for k in composed["environment"]} == composed["environment"]
+    else:
+        assert "--exit-timeout" not in command  # the launcher's default, 30 s
+    # Model control stays off (Triton's default mode "none": no load/unload through the API).
+    assert "--model-control-mode" not in command and "--load-model" not in command
+    # The repository volume is read-only to workers; the Job writes it.
+    build_mounts = [m for m in triton["volumeMounts"] if m["mountPath"] == "/workspace/build"]
+    assert build_mounts and all(m.get("readOnly") for m in build_mounts)
+    claim = next(v for v in spec["volumes"] if v["name"] == build_mounts[0]["name"])["persistentVolumeClaim"]
+    assert claim["readOnly"] is True
+    init = spec["initContainers"][0]
+    assert {e["name"]: e["value"] for e in init["env"]}["MODEL_REPOSITORY"] == f"/workspace/build/repo-{profile}-{spec_name}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_runs_unprivileged_with_a_read_only_root(overlay: str) -> None:
+    for obj in workloads(render(overlay)):
+        spec = pod_spec(obj)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] != 0
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for c in spec["containers"] + spec.get("initContainers", []):
+            ctx = c["securityContext"]
+            assert ctx["readOnlyRootFilesystem"] is True, c["name"]
+            assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"]["drop"] == ["ALL"], c["name"]
+            if c["name"] != "wait-for-repository":
+                assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"]), f"{c['name']}: no writable /tmp"
+
+
+# --- ports ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probe_service_monitor_and_policy_ports_are_container_ports(overlay: str) -> None:
+    objs = render(overlay)
+    pods = {}
+    for obj in workloads(objs):
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        ports: dict = {}
+        for c in pod_spec(obj)["containers"]:
+            ports |= container_ports(c)
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                probe = c.get(kind)
+                if probe is None:
+                    continue
+                if "httpGet" in probe:
+                    assert probe["httpGet"]["port"] in container_ports(c), f"{c['name']} {kind}"
+                elif "exec" in probe and "--url" in probe["exec"]["command"]:
+                    host, port = arg(probe["exec"]["command"], "--url").rsplit(":", 1)
+                    assert host == "localhost" and int(port) == container_ports(c)["grpc"], f"{c['name']} {kind}"
+        pods[obj["metadata"]["name"]] = (labels, ports)
+    worker_ports = pods["triton-worker"][1]
+    assert {worker_ports[n] for n in ("http", "grpc", "metrics")} == {8000, 8001, 8002}
+    assert pods["openai-frontdoor"][1]["http"] == int(STACK.openai_frontend.port)
+
+    def selected(selector: dict) -> list[dict]:
+        return [ports for labels, ports in pods.values() if selects(selector, labels)]
+
+    for svc in (o for o in objs if o["kind"] == "Service"):
+        targets = selected({"matchLabels": svc["spec"]["selector"]})
+        assert targets, svc["metadata"]["name"]
+        for port in svc["spec"]["ports"]:
+            assert all(port["targetPort"] in t for t in targets), f"{svc['metadata']['name']}: {port}"
+    for monitor in (o for o in objs if o["kind"] == "PodMonitor"):
+        targets = selected(monitor["spec"]["selector"])
+        assert targets, monitor["metadata"]["name"]
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert all(endpoint["port"] in t for t in targets), monitor["metadata"]["name"]
+    for policy in (o for o in objs if o["kind"] == "NetworkPolicy"):
+        targets = selected(policy["spec"]["podSelector"])
+        for rule in policy["spec"].get("ingress", []):
+            for port in rule.get("ports", []):
+                assert all(port["port"] in t.values() for t in targets), f"{policy['metadata']['name']}: {port}"
+
+
+# --- network policies -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_front_door_reaches_inference_and_only_monitoring_reaches_metrics(overlay: str) -> None:
+    objs = render(overlay)
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    worker = find(objs, "Deployment", "triton-worker")["spec"]["template"]["metadata"]["labels"]
+    door = find(objs, "Deployment", "openai-frontdoor")["spec"]["template"]["metadata"]["labels"]
+    job = find(objs, "Job", "build-repository")["spec"]["template"]["metadata"]["labels"]
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    here = NAMESPACE_LABELS["mmtriton"]
+    elsewhere = {"kubernetes.io/metadata.name": "default"}
+
+    def allowed(dst: dict, port: int, src: dict, src_ns: dict) -> bool:
+        return ingress_allowed(
+            policies, dst_labels=dst, port=port, src_labels=src, src_namespace_labels=src_ns, same_namespace=src_ns == here
+        )
+
+    for port in (8000, 8001):
+        assert allowed(worker, port, door, here)
+        assert not allowed(worker, port, job, here)
+        assert not allowed(worker, port, worker, here)
+        assert not allowed(worker, port, prometheus, MONITORING_LABELS)
+        assert not allowed(worker, port, {}, elsewhere)
+    assert allowed(worker, 8002, prometheus, MONITORING_LABELS)
+    assert not allowed(worker, 8002, door, here)
+    assert not allowed(worker, 8002, {}, elsewhere)
+    assert not allowed(worker, 9000, door, here)
+    assert allowed(door, 9000, {}, elsewhere) and allowed(door, 9000, prometheus, MONITORING_LABELS)
+    assert not allowed(door, 8001, {}, elsewhere)
+    assert not allowed(job, 8000, door, here)
+
+
+# --- autoscaling -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_hpa_metric_comes_from_the_adapter_rule_and_scales_down_slowly(overlay: str) -> None:
+    objs = render(overlay)
+    hpa = find(objs, "HorizontalPodAutoscaler", "triton-worker")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "triton-worker"}
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
+    names = {rule["name"]["as"] for rule in adapter_rules(objs)}
+    assert metric["pods"]["metric"]["name"] in names
+    down = hpa["spec"]["behavior"]["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= 600
+    assert all(p["type"] == "Pods" and p["value"] == 1 and p["periodSeconds"] >= 300 for p in down["policies"])
+    # The target is the capacity calculation's for the annotated P99 and utilization.
+    notes = hpa["metadata"]["annotations"]
+    planned = k8s_capacity.plan(
+        1.0, float(notes["mmtriton.io/p99-target-s"]), k8s_capacity.load_levels(REPORT), float(notes["mmtriton.io/utilization"])
+    )
+    assert int(metric["pods"]["target"]["averageValue"]) == planned.hpa_in_flight_target
+    door = find(objs, "HorizontalPodAutoscaler", "openai-frontdoor")
+    assert door["spec"]["scaleTargetRef"]["name"] == "openai-frontdoor"
+    assert [m["resource"]["name"] for m in door["spec"]["metrics"]] == ["cpu"]
+    assert "cpu" in container(find(objs, "Deployment", "openai-frontdoor"), "openai")["resources"]["requests"]
+
+
+def test_adapter_rule_source_metric_is_on_the_real_servers_metrics(cpu_server_metric_names: set[str]) -> None:
+    for rule in adapter_rules(render("vllm-1gpu")):
+        source = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)\{", rule["seriesQuery"]).group(1)
+        assert source in cpu_server_metric_names, source
+        assert re.fullmatch(rule["name"]["matches"].strip("^$"), source)
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+def _scrape(url: str) -> dict[tuple[str, str], float]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    values = {}
+    for name, model, value in re.findall(r'^(nv_inference_\w+)\{model="(\w+)",version="1"\} (\S+)$', text, flags=re.M):
+        values[(name, model)] = float(value)
+    return values
+
+
+def _stream_seconds(client, prompt: str) -> tuple[float, float]:  # noqa: ANN001
+    """(whole time the client waited, time from its first chunk to its last) of one streamed answer."""
+    from clients.llm import Sampling
+
+    start = time.monotonic()
+    stamps = [time.monotonic() for _ in client.stream(prompt, sampling=Sampling(max_tokens=200, ignore_eos=True))]
+    assert len(stamps) > 2
+    return time.monotonic() - start, stamps[-1] - stamps[0]
+
+
+def test_adapter_query_gives_requests_in_flight_per_pod(server, tmp_path: Path) -> None:  # noqa: ANN001
+    """The rule's query, evaluated by promtool on what the real server counted, is the mean concurrency."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool (Debian package prometheus) is not installed; .ci/run installs it")
+    (rule,) = adapter_rules(render("vllm-1gpu"))
+    source = "nv_inference_request_duration_us"
+    from clients.llm import ChatClient, Sampling
+
+    clients = [ChatClient(server.grpc_url) for _ in range(4)]
+    for client in clients:  # connected and warm before the measured window
+        list(client.stream("warm up", sampling=Sampling(max_tokens=2)))
+    before = _scrape(server.metrics_url)
+    with ThreadPoolExecutor(4) as pool:
+        took, spans = zip(*pool.map(lambda i: _stream_seconds(clients[i], f"story number {i}"), range(4)))
+    after = _scrape(server.metrics_url)
+    chat = {m for (n, m) in after if n == source and m.startswith("chat_")}
+    counted_s = sum(after[(source, m)] - before.get((source, m), 0.0) for m in chat) / 1e6
+    # Triton counts each stream's whole time on its ensemble: at least from first to last chunk, at
+    # most what the clients waited.
+    assert sum(spans) <= counted_s <= sum(took), (counted_s, spans, took)
+    llm_s = (after[(source, "tensorrt_llm")] - before[(source, "tensorrt_llm")]) / 1e6
+    assert llm_s < 0.5 * counted_s, "the decoupled LLM model's own duration ends at hand-off (why the rule reads the ensembles)"
+
+    # Two pods: one with the measured growth every 30 s, one with twice that; plus non-chat series.
+    step_us = counted_s * 1e6
+    series = []
+    for pod, factor in (("worker-a", 1), ("worker-b", 2)):
+        labels = f'namespace="mmtriton",pod="{pod}",version="1"'
+        series.append({"series": f'{source}{{{labels},model="chat_text"}}', "values": f"0+{step_us * factor:.0f}x20"})
+        series.append({"series": f'{source}{{{labels},model="tensorrt_llm"}}', "values": "0+99000000x20"})
+    series.append({"series": f'{source}{{namespace="other",pod="worker-a",version="1",model="chat_text"}}', "values": "0+5e9x20"})
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", source)
+        .replace("<<.LabelMatchers>>", 'namespace="mmtriton",pod=~"worker-a|worker-b"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+    # promtool compares floats exactly: compare inside PromQL instead, within 1e-9 requests.
+    expected = {pod: counted_s * factor / 30.0 for pod, factor in (("worker-a", 1), ("worker-b", 2))}
+
+    def check(values: dict[str, float]) -> str:
+        wanted = " or ".join(f'label_replace(vector({v!r}), "pod", "{pod}", "", "")' for pod, v in values.items())
+        return f"abs(({query}) - on(pod) ({wanted})) < bool 1e-9"
+
+    ones = [{"labels": f'{{pod="{pod}"}}', "value": 1} for pod in expected]
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "30s",
+        "tests": [
+            {
+                "interval": "30s",
+                "input_series": series,
+                "promql_expr_test": [{"expr": check(expected), "eval_time": "5m", "exp_samples": ones}],
+            }
+        ],
+    }
+    path = tmp_path / "adapter_test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The same file with a wrong expectation fails: promtool really compared.
+    tests["tests"][0]["promql_expr_test"][0]["expr"] = check({pod: v * 1.01 for pod, v in expected.items()})
+    path.write_text(yaml.safe_dump(tests))
+    result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+
+
+# --- monitoring ----------------------------------------------------------------------------------------
+
+
+def test_dashboard_configmap_is_the_compose_dashboard() -> None:
+    objs = render("trtllm-tp2")
+    config = find(objs, "ConfigMap", "mmtriton-grafana-dashboard")
+    assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config["data"] == {"triton.json": DASHBOARD.read_text()}
+    monitors = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PodMonitor"}
+    assert monitors["triton-worker"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert monitors["openai-frontdoor"]["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+
+
+# --- liveness ---------------------------------------------------------------------------------------------
+
+
+def _stub_pid(server, model: str) -> int:  # noqa: ANN001
+    for pid in server.leftover_processes():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if f"/{model}/1/model.py" in cmdline:
+            return pid
+    raise AssertionError(f"no python backend stub for {model}")
+
+
+def test_liveness_probe_command_fails_within_its_timeout_on_a_wedged_server(cpu_repo: Path, tmp_path: Path) -> None:
+    """The manifest's exec command (python3 -> this interpreter, --url -> this server) on a server of its own."""
+    from mmtriton.server import TritonServer
+
+    probe = container(find(render("trtllm-tp2"), "Deployment", "triton-worker"), "triton")["livenessProbe"]
+    for overlay in ("vllm-1gpu", "vllm-tp2"):
+        assert container(find(render(overlay), "Deployment", "triton-worker"), "triton")["livenessProbe"] == probe
+    command = list(probe["exec"]["command"])
+    timeout_s = probe["timeoutSeconds"]
+    assert command[0] == "python3"
+
+    def run(url: str) -> tuple[int, float, str]:
+        argv = [sys.executable, *command[1:]]
+        argv[argv.index("--url") + 1] = url
+        start = time.monotonic()
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s + 30)
+        return proc.returncode, time.monotonic() - start, proc.stderr
+
+    srv = TritonServer(
+        model_repository=cpu_repo,
+        work_dir=tmp_path / "server",
+        pythonpath=[ROOT],
+        exit_timeout_s=3,
+        extra_args=["--model-control-mode=explicit", "--load-model=embed_image", "--load-model=chat_text"],
+    )
+    with srv:
+        code, took, err = run(srv.grpc_url)
+        assert code == 0, err
+        assert took < timeout_s
+        os.kill(_stub_pid(srv, "image_preprocess"), signal.SIGSTOP)  # this server's own stub, by its pid
+        assert srv.is_ready(), "readiness still says ready: why liveness runs real inference"
+        code, took, err = run(srv.grpc_url)
+        assert code == 1, err
+        assert "not live" in err
+        assert took < timeout_s, f"the probe took {took:.1f} s; Kubernetes gives it {timeout_s} s"
+
+
+# --- gRPC balancing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_front_door_targets_the_headless_worker_service(overlay: str) -> None:
+    objs = render(overlay)
+    args = container(find(objs, "Deployment", "openai-frontdoor"), "openai")["args"]
+    url = arg(args, "--triton-url")
+    match = re.fullmatch(r"dns:///([a-z0-9-]+):(\d+)", url)
+    assert match, url
+    svc = find(objs, "Service", match.group(1))
+    assert svc["spec"]["clusterIP"] == "None", "a ClusterIP Service would pin each front door to one worker"
+    worker = find(objs, "Deployment", "triton-worker")
+    assert selects({"matchLabels": svc["spec"]["selector"]}, worker["spec"]["template"]["metadata"]["labels"])
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == int(match.group(2))
+    assert container_ports(container(worker, "triton"))[port["targetPort"]] == 8001
+    _, spec_name, _ = OVERLAY_SPECS[overlay]
+    assert arg(args, "--bundle") == f"/workspace/build/bundles/{spec_name}"
+
+
+def test_front_door_client_reaches_triton_through_a_dns_target(server) -> None:  # noqa: ANN001
+    """TritonChat and the /health probe accept the dns:/// form the manifests give."""
+    from clients.llm import Sampling, request_values
+    from mmtriton.probe import probe
+    from openai_frontend.triton import TritonChat
+
+    port = server.grpc_url.rsplit(":", 1)[1]
+    url = f"dns:///localhost:{port}"
+
+    async def chat() -> int:
+        client = TritonChat(url)
+        try:
+            values = request_values("hello", None, None, Sampling(max_tokens=4), stream=True)
+            return len([chunk async for chunk in client.stream("chat_text", values, "k8s-dns-1")])
+        finally:
+            await client.close()
+
+    assert asyncio.run(asyncio.wait_for(chat(), 60)) >= 1
+    assert probe(url, 10.0) < 20.0
+
+
+def _spread(options: list[tuple[str, object]], requests: int = 8) -> list[int]:
+    """Requests each of two stand-in workers got from TritonChat with these channel options."""
+    from openai_frontend import triton as door
+    from tests.k8s_grpc_stub import start_workers
+
+    workers = start_workers(["127.0.0.1", "127.0.0.2"])
+    target = "ipv4:" + ",".join(f"{w.address}:{w.port}" for w in workers)  # the headless Service's A records
+    saved = door._CHANNEL_OPTIONS
+    door._CHANNEL_OPTIONS = options
+
+    async def send() -> None:
+        client = door.TritonChat(target)
+        try:
+            for i in range(requests):
+                got = [c async for c in client.stream("chat_text", {"text_input": np.array([[b"x"]], dtype=np.object_)}, f"r{i}")]
+                assert got == []  # only the empty final response
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(send(), 60))
+        return [w.count for w in workers]
+    finally:
+        door._CHANNEL_OPTIONS = saved
+        for worker in workers:
+            worker.stop()
+
+
+def test_streams_spread_over_worker_pods_only_with_round_robin() -> None:
+    """pick_first (gRPC's default) pins a channel to one address; round_robin spreads every stream."""
+    from openai_frontend import triton as door
+
+    current = list(door._CHANNEL_OPTIONS)
+    round_robin = [*current, ("grpc.lb_policy_name", "round_robin")]
+    assert _spread(round_robin) == [4, 4]
+    pick_first = [o for o in current if o[0] != "grpc.lb_policy_name"]
+    assert sorted(_spread(pick_first)) == [0, 8]
+    # What the front door does today (docs/kubernetes.md, "gRPC balancing", says which).
+    balanced = ("grpc.lb_policy_name", "round_robin") in current
+    assert sorted(_spread(current)) == ([4, 4] if balanced else [0, 8])
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    assert ("round_robin is on" in docs) == balanced
+
+
+# --- capacity -------------------------------------------------------------------------------------------------
+
+
+def _independent(qps: float, p99_s: float, utilization: float) -> tuple[float, float, int, int]:
+    """Brute force over a fine concurrency grid with numpy's interpolation."""
+    data = json.loads(REPORT.read_text())
+    served = sorted((lv["concurrency"], lv["served"]["p99_s"], lv["served"]["req_s"]) for lv in data["levels"])
+    cs, p99, rps = (np.array(x, dtype=float) for x in zip(*served))
+    grid = np.linspace(cs[0], cs[-1], 630001)
+    ok = grid[np.interp(grid, cs, p99) <= p99_s + 1e-12]
+    c = float(ok.max())
+    per = float(np.interp(c, cs, rps))
+    replicas = 1
+    while replicas * per * utilization < qps - 1e-9:
+        replicas += 1
+    return c, per, replicas, max(1, int(c * utilization + 1e-9))
+
+
+@pytest.mark.parametrize(
+    ("qps", "p99_s", "utilization"),
+    [(100, 2.5, 0.8), (100, 2.1, 0.8), (40, 3.0, 0.7), (500, 4.0, 0.9), (5, 1.9, 1.0), (16.3, 2.07, 1.0)],
+)
+def test_capacity_matches_an_independent_computation(qps: float, p99_s: float, utilization: float) -> None:
+    got = k8s_capacity.plan(qps, p99_s, k8s_capacity.load_levels(), utilization)
+    c, per, replicas, target = _independent(qps, p99_s, utilization)
+    assert got.concurrency == pytest.approx(c, abs=2e-4)
+    assert got.replica_req_s == pytest.approx(per, rel=1e-4)
+    assert (got.replicas, got.hpa_in_flight_target) == (replicas, target)
+
+
+def test_capacity_cli_and_limits(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.k8s_capacity", "--qps", "100", "--p99-s", "2.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )
+    result = json.loads(out.stdout)
+    # By hand: P99 2.07 s at c=32 and 3.17 s at c=64 -> c = 32 + 32 x 0.43 / 1.10 = 44.5 per replica.
+    assert result["concurrency_per_replica"] == pytest.approx(32 + 32 * (2.5 - 2.0676) / (3.1691 - 2.0676), abs=0.05)
+    assert result["replicas"] == math.ceil(100 / (result["replica_req_s"] * 0.8))
+    with pytest.raises(k8s_capacity.CapacityError, match="below the lowest measured"):
+        k8s_capacity.plan(10, 1.0, k8s_capacity.load_levels())
+    bad = json.loads(REPORT.read_text())
+    bad["levels"][2]["served"]["p99_s"] = 0.1
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(k8s_capacity.CapacityError, match="must not fall"):
+        k8s_capacity.load_levels(tmp_path / "bad.json")
+
+
+# --- docs ---------------------------------------------------------------------------------------------------------
+
+
+def test_guide_names_every_overlay_and_the_render_flag() -> None:
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    for overlay in OVERLAYS:
+        assert f"deploy/k8s/overlays/{overlay}" in docs, overlay
+    mentioned = set(re.findall(r"deploy/k8s/overlays/([a-z0-9-]+)", docs))
+    assert mentioned <= set(OVERLAYS)
+    assert "--load-restrictor=LoadRestrictionsNone" in docs
+    assert "python -m tools.k8s_capacity" in docs
+    target = find(render("vllm-1gpu"), "HorizontalPodAutoscaler", "triton-worker")["spec"]["metrics"][0]
+    assert f"averageValue {target['pods']['target']['averageValue']}" in docs
