@@ -131,7 +131,8 @@ def test_overlay_renders_every_object(overlay: str) -> None:
     for obj in objs:
         if obj["kind"] != "Namespace" and obj["metadata"]["name"] not in monitoring:
             assert obj["metadata"]["namespace"] == "mmtriton", obj["metadata"]["name"]
-        assert "overlay-sets" not in json.dumps(obj), f"{obj['kind']}/{obj['metadata']['name']} keeps a base placeholder"
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        assert "overlay-sets" not in json.dumps(obj), f"{name} keeps a base placeholder"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -289,7 +290,8 @@ def test_vllm_worker_command_refuses_other_gpu_counts(tiny_gpu_vllm_repo: Path, 
 def test_images_match_the_stack_and_compose(overlay: str) -> None:
     profile, _, service = OVERLAY_SPECS[overlay]
     objs = render(overlay)
-    gpu_tag = STACK.vllm.tag if profile == "gpu-vllm" else f"mmtriton-gpu:{STACK.triton.release}-trtllm-{STACK.tensorrt_llm.version}"
+    trtllm_tag = f"mmtriton-gpu:{STACK.triton.release}-trtllm-{STACK.tensorrt_llm.version}"
+    gpu_tag = STACK.vllm.tag if profile == "gpu-vllm" else trtllm_tag
     assert COMPOSE["services"][service]["image"] == gpu_tag
     for name in ("triton-worker", "build-repository"):
         obj = find(objs, "Deployment" if name == "triton-worker" else "Job", name)
@@ -309,7 +311,8 @@ def test_worker_matches_compose_and_drains(overlay: str) -> None:
     triton = container(worker, "triton")
     # /dev/shm: memory-backed, sized like compose's shm_size.
     mounts = {m["name"]: m for m in triton["volumeMounts"]}
-    shm = next(v for v in spec["volumes"] if v["name"] == mounts["shm"]["name"] and mounts["shm"]["mountPath"] == "/dev/shm")
+    assert mounts["shm"]["mountPath"] == "/dev/shm"
+    shm = next(v for v in spec["volumes"] if v["name"] == mounts["shm"]["name"])
     assert shm["emptyDir"]["medium"] == "Memory"
     assert quantity_bytes(shm["emptyDir"]["sizeLimit"]) == quantity_bytes(composed["shm_size"])
     # Start-up as long as compose's start_period; readiness on Triton's ready endpoint.
@@ -341,7 +344,8 @@ def test_worker_matches_compose_and_drains(overlay: str) -> None:
     claim = next(v for v in spec["volumes"] if v["name"] == build_mounts[0]["name"])["persistentVolumeClaim"]
     assert claim["readOnly"] is True
     init = spec["initContainers"][0]
-    assert {e["name"]: e["value"] for e in init["env"]}["MODEL_REPOSITORY"] == f"/workspace/build/repo-{profile}-{spec_name}"
+    init_env = {e["name"]: e["value"] for e in init["env"]}
+    assert init_env["MODEL_REPOSITORY"] == f"/workspace/build/repo-{profile}-{spec_name}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -421,7 +425,12 @@ def test_only_the_front_door_reaches_inference_and_only_monitoring_reaches_metri
 
     def allowed(dst: dict, port: int, src: dict, src_ns: dict) -> bool:
         return ingress_allowed(
-            policies, dst_labels=dst, port=port, src_labels=src, src_namespace_labels=src_ns, same_namespace=src_ns == here
+            policies,
+            dst_labels=dst,
+            port=port,
+            src_labels=src,
+            src_namespace_labels=src_ns,
+            same_namespace=src_ns == here,
         )
 
     for port in (8000, 8001):
@@ -457,7 +466,10 @@ def test_worker_hpa_metric_comes_from_the_adapter_rule_and_scales_down_slowly(ov
     # The target is the capacity calculation's for the annotated P99 and utilization.
     notes = hpa["metadata"]["annotations"]
     planned = k8s_capacity.plan(
-        1.0, float(notes["mmtriton.io/p99-target-s"]), k8s_capacity.load_levels(REPORT), float(notes["mmtriton.io/utilization"])
+        1.0,
+        float(notes["mmtriton.io/p99-target-s"]),
+        k8s_capacity.load_levels(REPORT),
+        float(notes["mmtriton.io/utilization"]),
     )
     assert int(metric["pods"]["target"]["averageValue"]) == planned.hpa_in_flight_target
     door = find(objs, "HorizontalPodAutoscaler", "openai-frontdoor")
@@ -515,7 +527,8 @@ def test_adapter_query_gives_requests_in_flight_per_pod(server, tmp_path: Path) 
     # most what the clients waited.
     assert sum(spans) <= counted_s <= sum(took), (counted_s, spans, took)
     llm_s = (after[(source, "tensorrt_llm")] - before[(source, "tensorrt_llm")]) / 1e6
-    assert llm_s < 0.5 * counted_s, "the decoupled LLM model's own duration ends at hand-off (why the rule reads the ensembles)"
+    # The decoupled LLM model's own duration ends at hand-off to its engine: why the rule reads the ensembles.
+    assert llm_s < 0.5 * counted_s, (llm_s, counted_s)
 
     # Two pods: one with the measured growth every 30 s, one with twice that; plus non-chat series.
     step_us = counted_s * 1e6
@@ -524,7 +537,8 @@ def test_adapter_query_gives_requests_in_flight_per_pod(server, tmp_path: Path) 
         labels = f'namespace="mmtriton",pod="{pod}",version="1"'
         series.append({"series": f'{source}{{{labels},model="chat_text"}}', "values": f"0+{step_us * factor:.0f}x20"})
         series.append({"series": f'{source}{{{labels},model="tensorrt_llm"}}', "values": "0+99000000x20"})
-    series.append({"series": f'{source}{{namespace="other",pod="worker-a",version="1",model="chat_text"}}', "values": "0+5e9x20"})
+    other = f'{source}{{namespace="other",pod="worker-a",version="1",model="chat_text"}}'
+    series.append({"series": other, "values": "0+5e9x20"})
     query = (
         rule["metricsQuery"]
         .replace("<<.Series>>", source)
@@ -681,7 +695,8 @@ def _spread(options: list[tuple[str, object]], requests: int = 8) -> list[int]:
         client = door.TritonChat(target)
         try:
             for i in range(requests):
-                got = [c async for c in client.stream("chat_text", {"text_input": np.array([[b"x"]], dtype=np.object_)}, f"r{i}")]
+                values = {"text_input": np.array([[b"x"]], dtype=np.object_)}
+                got = [c async for c in client.stream("chat_text", values, f"r{i}")]
                 assert got == []  # only the empty final response
         finally:
             await client.close()

@@ -121,7 +121,8 @@ def max_level_within(levels: list[Level], p99_s: float) -> Level:
             best = high
             continue
         if high.p99_s > low.p99_s:
-            best = _between(low, high, low.concurrency + (p99_s - low.p99_s) / (high.p99_s - low.p99_s) * (high.concurrency - low.concurrency))
+            share = (p99_s - low.p99_s) / (high.p99_s - low.p99_s)
+            best = _between(low, high, low.concurrency + share * (high.concurrency - low.concurrency))
         break
     return best
 
