@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,8 +28,17 @@ from openai_frontend.errors import APIError
 
 LOGGER = logging.getLogger(__name__)
 
-#: Media up to the spec's limits travel in one gRPC message; gRPC's default receive limit is 4 MiB.
-_CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+#: Media up to the spec's limits travel in one gRPC message (gRPC's default receive limit is 4 MiB).
+#: round_robin spreads streams over every address the target resolves to (a headless Service's
+#: worker pods); gRPC's default, pick_first, would send them all to one.
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.lb_policy_name", "round_robin"),
+]
+#: A channel resolves its target's addresses when it connects and again only when a connection
+#: drops, so a new worker pod would get no streams; a fresh channel every this many seconds does.
+CHANNEL_REFRESH_S = 60.0
 
 
 class TritonError(Exception):
@@ -66,21 +76,59 @@ def _typed(message: str) -> TritonError:
     return TritonError(message, False)
 
 
-class TritonChat:
-    """One gRPC channel to Triton, shared by every request.
-
-    Args:
-        url: ``host:port`` of Triton's gRPC endpoint.
-    """
+class _Channel:
+    """A gRPC channel, its stub, when it was made, and the streams open on it."""
 
     def __init__(self, url: str) -> None:
+        self.channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self.born = time.monotonic()
+        self.streams = 0
+        self.retired = False
+
+
+class TritonChat:
+    """gRPC channels to Triton shared by every request: the current one, and retired ones until their streams end.
+
+    Args:
+        url: Triton's gRPC endpoint: ``host:port``, or a gRPC target such as
+            ``dns:///triton-grpc:8001`` that resolves to several workers (streams are
+            spread over them, see :data:`_CHANNEL_OPTIONS`).
+        refresh_s: Age after which the next request opens a new channel (so the target
+            is resolved again); the old one closes once its open streams finish. 0: never.
+    """
+
+    def __init__(self, url: str, refresh_s: float = CHANNEL_REFRESH_S) -> None:
         self.url = url
-        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
-        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self.refresh_s = refresh_s
+        self._current = _Channel(url)
+        self._retired: list[_Channel] = []
+
+    def _take(self) -> _Channel:
+        if self.refresh_s > 0 and time.monotonic() - self._current.born >= self.refresh_s:
+            old, self._current = self._current, _Channel(self.url)
+            old.retired = True
+            self._retired.append(old)
+            LOGGER.debug("new channel to %s (the old one closes after its %d open streams)", self.url, old.streams)
+        self._current.streams += 1
+        return self._current
+
+    async def _give_back(self, entry: _Channel) -> None:
+        entry.streams -= 1
+        if entry.retired and entry.streams == 0:
+            self._retired.remove(entry)
+            await entry.channel.close()
+
+    @property
+    def channels(self) -> int:
+        """Channels open now (the current one and retired ones with open streams, or not yet closed)."""
+        return 1 + len(self._retired)
 
     async def close(self) -> None:
-        """Close the channel."""
-        await self._channel.close()
+        """Close every channel."""
+        for entry in [self._current, *self._retired]:
+            await entry.channel.close()
+        self._retired.clear()
 
     async def stream(self, model: str, values: dict[str, np.ndarray], request_id: str) -> AsyncIterator[Chunk]:
         """Yield the answer's chunks as Triton streams them.
@@ -99,7 +147,8 @@ class TritonChat:
             yield request
             await done.wait()  # keep the stream open until the final response
 
-        call: Any = self._stub.ModelStreamInfer(requests())
+        entry = self._take()
+        call: Any = entry.stub.ModelStreamInfer(requests())
         finished = False
         try:
             async for response in call:
@@ -131,3 +180,4 @@ class TritonChat:
                 # Given up mid-answer: cancelling the call cancels the ensemble request.
                 LOGGER.debug("cancelling Triton stream of request %s", request_id)
                 call.cancel()
+            await self._give_back(entry)

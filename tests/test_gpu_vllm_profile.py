@@ -36,8 +36,9 @@ DOCKERFILE = ROOT / "Dockerfile.vllm"
 TINY_GPU_SPEC = ROOT / "build_engines" / "specs" / "tiny-gpu.toml"
 GLM_SPEC = ROOT / "build_engines" / "specs" / "glm4-9b-shape.toml"
 SHIPPED_SPECS = sorted((ROOT / "build_engines" / "specs").glob("*.toml"))
-# The wheel set vLLM 0.26.0 ran with on the GPU host (shared/ lies beside the checkout, in CI too).
-REFERENCE_WHEELS = ROOT.parent / "shared" / "reference" / "vllm-0.26-gpu-host-wheels.txt"
+# The wheel set vLLM 0.26.0 ran with on the GPU host, kept in the repository (a copy of the team's
+# shared reference, which a clean clone does not have beside it).
+REFERENCE_WHEELS = ROOT / "docs" / "reference" / "vllm-0.26-gpu-host-wheels.txt"
 VLLM_SERVICES = ("triton-vllm", "build-vllm-repo")
 
 
@@ -83,8 +84,13 @@ def reserved_gpus(service: dict) -> int:
 
 def make_dry_run(*args: str) -> str:
     """``make -n`` output for the given targets and variables (SPEC from the environment ignored)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("SPEC", "SPEC_NAME", "VLLM_GPUS")}
-    return subprocess.run(["make", "-n", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    # Also without the variables of a make that runs these tests (make test): a sub-make would print
+    # "Entering directory" lines and inherit its flags.
+    drop = ("SPEC", "SPEC_NAME", "VLLM_GPUS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return subprocess.run(
+        ["make", "--no-print-directory", "-n", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def rendered_tp(spec: ModelSpec) -> int:
@@ -166,7 +172,7 @@ def test_dockerfile_matches_the_stack() -> None:
 
 def test_requirements_are_the_reference_wheel_set() -> None:
     if not REFERENCE_WHEELS.is_file():
-        pytest.fail(f"the reference wheel set is missing: {REFERENCE_WHEELS} (shared/ beside the checkout)")
+        pytest.fail(f"the reference wheel set is missing: {REFERENCE_WHEELS}")
     vllm = load_stack().vllm
     ours = pinned(ROOT / vllm.requirements)
     reference = pinned(REFERENCE_WHEELS)

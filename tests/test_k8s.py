@@ -715,15 +715,18 @@ def test_streams_spread_over_worker_pods_only_with_round_robin() -> None:
     from openai_frontend import triton as door
 
     current = list(door._CHANNEL_OPTIONS)
-    round_robin = [*current, ("grpc.lb_policy_name", "round_robin")]
-    assert _spread(round_robin) == [4, 4]
     pick_first = [o for o in current if o[0] != "grpc.lb_policy_name"]
+    round_robin = [*pick_first, ("grpc.lb_policy_name", "round_robin")]
+    # round_robin uses every address once its connection is ready: the first stream or two may
+    # go to the address that connected first, then they alternate.
+    spread = _spread(round_robin)
+    assert sum(spread) == 8 and min(spread) >= 3, spread
     assert sorted(_spread(pick_first)) == [0, 8]
-    # What the front door does today (docs/kubernetes.md, "gRPC balancing", says which).
-    balanced = ("grpc.lb_policy_name", "round_robin") in current
-    assert sorted(_spread(current)) == ([4, 4] if balanced else [0, 8])
+    # What the front door does (docs/kubernetes.md, "gRPC balancing", says which).
+    assert ("grpc.lb_policy_name", "round_robin") in current
+    assert min(_spread(current)) >= 3
     docs = (ROOT / "docs" / "kubernetes.md").read_text()
-    assert ("round_robin is on" in docs) == balanced
+    assert "round_robin is on" in docs
 
 
 # --- capacity -------------------------------------------------------------------------------------------------

@@ -451,3 +451,26 @@ def test_docs_examples_run(frontend: FrontDoor, tmp_path: Path) -> None:
     run = subprocess.run(["bash", "-ec", script], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr
     assert '"object":"chat.completion"' in run.stdout and "data: [DONE]" in run.stdout
+
+
+def test_channel_refresh_opens_a_new_channel_and_closes_the_old_after_its_streams() -> None:
+    """A fresh channel (a fresh DNS answer: new worker pods) without cutting open streams."""
+    import asyncio
+
+    from openai_frontend.triton import TritonChat
+
+    async def run() -> None:
+        chat = TritonChat("127.0.0.1:1", refresh_s=0.2)  # nothing needs to listen: no RPC is made
+        first = chat._take()  # a stream opens on the first channel
+        assert chat._take() is first and chat.channels == 1  # young channel: reused
+        await chat._give_back(first)
+        await asyncio.sleep(0.3)
+        second = chat._take()  # old enough: new requests get a new channel
+        assert second is not first and chat.channels == 2  # the first still has a stream open
+        assert first.channel.get_state() is not None  # and is not closed yet
+        await chat._give_back(first)  # its last stream ends: it closes
+        assert chat.channels == 1
+        await chat._give_back(second)
+        await chat.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))

@@ -10,7 +10,7 @@
 #   tools/gpu_host.sh install           join the pieces if any, pip install them (no index) into the
 #                                       interpreter's own site-packages: the python backend stubs of
 #                                       tritonserver import from there, ahead of PYTHONPATH
-#   tools/gpu_host.sh install-vllm      vLLM 0.26.0 and its 91 wheels (../shared/reference list) from the
+#   tools/gpu_host.sh install-vllm      vLLM 0.26.0 and its 91 wheels (docs/reference list) from the
 #                                       pieces in $VLLM_WHEELS/parts, --no-deps, then numpy 1.26.4 + scipy
 #                                       1.17.1 from $WHEELS again (the python backend stub needs numpy<2)
 #   tools/gpu_host.sh checks            tiny bundles: pytest -m gpu (GPU vs CPU preprocessing, served
