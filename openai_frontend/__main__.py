@@ -20,6 +20,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bundle", type=Path, required=True, help="the model bundle (limits and model name from its bundle.json)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=9000, help="port to listen on; 0 picks a free one (default %(default)s)")
+    parser.add_argument(
+        "--metrics-port", type=int,
+        help="serve /metrics on this port instead of the API port (so a network policy can keep it to monitoring)",
+    )
     parser.add_argument("--port-file", type=Path, help="write the port listened on here once listening (for --port 0)")
     parser.add_argument("--served-model-name", help="model id under /v1/models and in responses (default: the bundle's spec name)")
     parser.add_argument("--allow-url-fetch", action="store_true", help="fetch http(s) image_url URLs (off by default)")
@@ -45,8 +49,16 @@ def main(argv: list[str] | None = None) -> None:
         max_redirects=args.fetch_max_redirects,
         timeout_s=args.fetch_timeout_s,
     )
-    config = FrontendConfig.from_bundle(args.bundle, args.triton_url, model_name=args.served_model_name, fetch=policy)
+    config = FrontendConfig.from_bundle(
+        args.bundle, args.triton_url, model_name=args.served_model_name, fetch=policy,
+        metrics_on_api=args.metrics_port is None,
+    )
     app = create_app(config)
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.host, registry=app.state.metrics.registry)
+        LOGGER.info("metrics on http://%s:%d/metrics", args.host, args.metrics_port)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -70,6 +70,8 @@ class FrontendConfig:
         fetch: The http(s) URL fetching policy.
         health_deadline_s: Deadline of each real inference ``/health`` sends.
         health_cache_s: How long a ``/health`` verdict is reused.
+        metrics_on_api: Serve ``/metrics`` on the API port too (off when the metrics have a
+            port of their own, so that a network policy can keep them to monitoring).
     """
 
     triton_url: str
@@ -79,6 +81,7 @@ class FrontendConfig:
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
     health_deadline_s: float = 10.0
     health_cache_s: float = 5.0
+    metrics_on_api: bool = True
 
     @classmethod
     def from_bundle(cls, bundle_dir: Path, triton_url: str, **overrides: Any) -> FrontendConfig:
@@ -367,9 +370,13 @@ def create_app(config: FrontendConfig) -> FastAPI:
                 state["health"] = (time.monotonic(), ok, reason)
         return JSONResponse({"status": "ok" if ok else "unavailable", "detail": reason}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
-    async def metrics_text() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if config.metrics_on_api:
+
+        @app.get("/metrics")
+        async def metrics_text() -> Response:
+            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.metrics = metrics
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -388,6 +388,8 @@ def test_probe_service_monitor_and_policy_ports_are_container_ports(overlay: str
     worker_ports = pods["triton-worker"][1]
     assert {worker_ports[n] for n in ("http", "grpc", "metrics")} == {8000, 8001, 8002}
     assert pods["openai-frontdoor"][1]["http"] == int(STACK.openai_frontend.port)
+    door_args = container(find(objs, "Deployment", "openai-frontdoor"), "openai")["args"]
+    assert pods["openai-frontdoor"][1]["metrics"] == int(arg(door_args, "--metrics-port"))
 
     def selected(selector: dict) -> list[dict]:
         return [ports for labels, ports in pods.values() if selects(selector, labels)]
@@ -443,7 +445,10 @@ def test_only_the_front_door_reaches_inference_and_only_monitoring_reaches_metri
     assert not allowed(worker, 8002, door, here)
     assert not allowed(worker, 8002, {}, elsewhere)
     assert not allowed(worker, 9000, door, here)
-    assert allowed(door, 9000, {}, elsewhere) and allowed(door, 9000, prometheus, MONITORING_LABELS)
+    assert allowed(door, 9000, {}, elsewhere)
+    # The front door's metrics have a port of their own (--metrics-port): monitoring only.
+    assert allowed(door, 9100, prometheus, MONITORING_LABELS)
+    assert not allowed(door, 9100, {}, elsewhere) and not allowed(door, 9100, door, here)
     assert not allowed(door, 8001, {}, elsewhere)
     assert not allowed(job, 8000, door, here)
 
@@ -586,6 +591,7 @@ def test_dashboard_configmap_is_the_compose_dashboard() -> None:
     monitors = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PodMonitor"}
     assert monitors["triton-worker"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     assert monitors["openai-frontdoor"]["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+    assert monitors["openai-frontdoor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
 
 
 # --- liveness ---------------------------------------------------------------------------------------------

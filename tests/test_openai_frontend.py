@@ -474,3 +474,18 @@ def test_channel_refresh_opens_a_new_channel_and_closes_the_old_after_its_stream
         await chat.close()
 
     asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_metrics_port_of_their_own_leaves_the_api_port_without_them(grpc_url: str, bundle_dir: Path, tmp_path: Path) -> None:
+    from mmtriton.server import reserve_ports
+
+    reservation = reserve_ports(1)
+    port = reservation.ports[0]
+    reservation.release()  # the front door binds it now
+    door = FrontDoor(grpc_url, bundle_dir, tmp_path / "door", "--metrics-port", str(port))
+    try:
+        assert httpx.get(f"{door.url}/metrics", timeout=10).status_code == 404
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert "mmtriton_openai_requests_in_flight" in text
+    finally:
+        door.stop()
