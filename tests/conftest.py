@@ -118,3 +118,15 @@ def cpu_server_metric_names(server: "TritonServer") -> set[str]:
 
     with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
         return prometheus_metric_names(resp.read().decode())
+
+
+def stub_pid(server: "TritonServer", model: str) -> int:
+    """Pid of the python backend stub that serves ``model`` on ``server`` (to SIGSTOP it by its own pid)."""
+    for pid in server.leftover_processes():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if f"/{model}/1/model.py" in cmdline:
+            return pid
+    raise AssertionError(f"no python backend stub for {model}")

@@ -45,6 +45,7 @@ from build_engines.render import PROFILES, python_engine_parameters, render_repo
 from build_engines.stack import load_stack
 from mmtriton import tp_launcher
 from mmtriton.spec import load_spec
+from tests.conftest import stub_pid
 from tests.k8s_checks import (
     K8S,
     OVERLAYS,
@@ -597,15 +598,6 @@ def test_dashboard_configmap_is_the_compose_dashboard() -> None:
 # --- liveness ---------------------------------------------------------------------------------------------
 
 
-def _stub_pid(server, model: str) -> int:  # noqa: ANN001
-    for pid in server.leftover_processes():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if f"/{model}/1/model.py" in cmdline:
-            return pid
-    raise AssertionError(f"no python backend stub for {model}")
 
 
 def test_liveness_probe_command_fails_within_its_timeout_on_a_wedged_server(cpu_repo: Path, tmp_path: Path) -> None:
@@ -637,7 +629,7 @@ def test_liveness_probe_command_fails_within_its_timeout_on_a_wedged_server(cpu_
         code, took, err = run(srv.grpc_url)
         assert code == 0, err
         assert took < timeout_s
-        os.kill(_stub_pid(srv, "image_preprocess"), signal.SIGSTOP)  # this server's own stub, by its pid
+        os.kill(stub_pid(srv, "image_preprocess"), signal.SIGSTOP)  # this server's own stub, by its pid
         assert srv.is_ready(), "readiness still says ready: why liveness runs real inference"
         code, took, err = run(srv.grpc_url)
         assert code == 1, err

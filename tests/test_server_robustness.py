@@ -50,6 +50,7 @@ from clients.llm import ChatClient, Sampling, grpc_inputs, request_values
 from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 from mmtriton.server import TritonServer, session_processes
 from tests.bad_inputs import bad_audio, bad_images
+from tests.conftest import stub_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGGER = logging.getLogger(__name__)
@@ -464,15 +465,6 @@ def _probe(server: TritonServer, deadline_s: float) -> tuple[int, float, str]:
     return proc.returncode, time.monotonic() - start, proc.stderr
 
 
-def _stub_pid(server: TritonServer, model: str) -> int:
-    for pid in server.leftover_processes():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if f"/{model}/1/model.py" in cmdline:
-            return pid
-    raise AssertionError(f"no python backend stub for {model}")
 
 
 # ----------------------------------------------------------------------------- shutdown (last)
@@ -520,7 +512,7 @@ def test_liveness_probe_fails_on_a_wedged_server(cpu_repo: Path, tmp_path: Path)
     with srv:
         code, _, err = _probe(srv, deadline)
         assert code == 0, err
-        os.kill(_stub_pid(srv, "image_preprocess"), signal.SIGSTOP)
+        os.kill(stub_pid(srv, "image_preprocess"), signal.SIGSTOP)
         assert srv.is_ready(), "the readiness endpoint should still say ready: that is why it is not a liveness probe"
         code, took, err = _probe(srv, deadline)
         assert code == 1, err

@@ -17,6 +17,11 @@ WORKLOAD=(--input-tokens 512 --input-spread 32 --output-tokens 256 --image-share
 C1_REQUESTS=${C1_REQUESTS:-16}
 REQUESTS=${REQUESTS:-128}
 
+ensure_bundle() {  # the 9B-shaped random-weight bundle, built on the GPU unless present
+  [ -f "$BUNDLE/bundle.json" ] || "$PY" -m build_engines bundle --spec "$ROOT/build_engines/specs/glm4-9b-shape.toml" \
+    --out "$BUNDLE" --device cuda
+}
+
 SERVER=
 serve_start() {  # serve_start NAME: python -m mmtriton.server on $WORK/repo-NAME, ports 18000-18002
   log "starting tritonserver on repo-$1 (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-all})"

@@ -37,7 +37,7 @@ shift
 STEPS=${*:-bundle bandwidth inprocess-tp1 inprocess-tp2 served-tp1 served-tp2 report}
 TOOL=tp_measure
 # shellcheck source=tools/measure_lib.sh
-. "$ROOT/tools/measure_lib.sh"  # WORK, PY, BUNDLE, log, WORKLOAD, C1_REQUESTS, REQUESTS, serve_start, serve_stop
+. "$ROOT/tools/measure_lib.sh"  # WORK, PY, BUNDLE, log, WORKLOAD, C1_REQUESTS, REQUESTS, ensure_bundle, serve_start, serve_stop
 # The GPUs this host lets the script use, in order (CUDA_VISIBLE_DEVICES as given, else every GPU).
 HOST_GPUS=${CUDA_VISIBLE_DEVICES-}
 
@@ -110,9 +110,7 @@ served() {  # served TP
 for step in $STEPS; do
   log "step $step"
   case $step in
-    bundle)
-      [ -f "$BUNDLE/bundle.json" ] || "$PY" -m build_engines bundle --spec "$ROOT/build_engines/specs/glm4-9b-shape.toml" \
-        --out "$BUNDLE" --device cuda ;;
+    bundle) ensure_bundle ;;
     bandwidth)
       "$PY" - "$BUNDLE/llm" "$OUT/bandwidth.json" <<'EOF'
 import json, sys

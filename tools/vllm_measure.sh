@@ -26,7 +26,7 @@ shift
 STEPS=${*:-bundle bandwidth inprocess served unpaced before hf report}
 TOOL=vllm_measure
 # shellcheck source=tools/measure_lib.sh
-. "$ROOT/tools/measure_lib.sh"  # WORK, PY, BUNDLE, log, WORKLOAD, C1_REQUESTS, REQUESTS, serve_start, serve_stop
+. "$ROOT/tools/measure_lib.sh"  # WORK, PY, BUNDLE, log, WORKLOAD, C1_REQUESTS, REQUESTS, ensure_bundle, serve_start, serve_stop
 
 render() {  # render NAME PROFILE [--set k=v ...]
   local name=$1 profile=$2
@@ -50,9 +50,7 @@ bench() {  # bench RESULTS_DIR CONCURRENCY REQUESTS
 for step in $STEPS; do
   log "step $step"
   case $step in
-    bundle)
-      [ -f "$BUNDLE/bundle.json" ] || "$PY" -m build_engines bundle --spec "$ROOT/build_engines/specs/glm4-9b-shape.toml" \
-        --out "$BUNDLE" --device cuda ;;
+    bundle) ensure_bundle ;;
     bandwidth)
       "$PY" - "$BUNDLE/llm" "$OUT/bandwidth.json" <<'EOF'
 import json, sys
