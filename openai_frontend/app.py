@@ -18,6 +18,7 @@ part it came from. Only the front door's own failures and Triton's are 5xx.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -298,6 +299,28 @@ class _CountRequests:
             self.metrics.requests.labels(scope["path"], str(status["code"])).inc()
 
 
+async def _unless_client_leaves(work: Any, request: Request, poll_s: float = 0.1) -> bool:
+    """Run ``work`` (a coroutine) to its end, unless the HTTP client disconnects first.
+
+    Returns:
+        True when ``work`` finished; False when the client went away (``work`` is cancelled).
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                task.result()  # its exception, if any
+                return True
+            if await request.is_disconnected():
+                return False
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 def _sse(payload: dict[str, Any] | str) -> bytes:
     text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {text}\n\n".encode()
@@ -421,22 +444,32 @@ def create_app(config: FrontendConfig) -> FastAPI:
             )
         text: list[str] = []
         stop = StopText(sampling.stop_words)
+
+        async def collect() -> None:
+            if first is None:
+                return
+            usage.add(first)
+            text.append(stop.push(first.text))
+            while not stop.hit:  # at a stop string, closing the stream below cancels the rest
+                chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
+                usage.add(chunk)
+                text.append(stop.push(chunk.text))
+
         try:
-            if first is not None:
-                usage.add(first)
-                text.append(stop.push(first.text))
-                while not stop.hit:  # at a stop string, closing the stream below cancels the rest
-                    chunk = await anext(chunks, None)
-                    if chunk is None:
-                        break
-                    usage.add(chunk)
-                    text.append(stop.push(chunk.text))
+            if not await _unless_client_leaves(collect(), request):
+                # Nobody reads the answer any more: closing the stream (below) frees the engine's slot.
+                metrics.cancelled.inc()
+                LOGGER.info("client of %s went away before the whole answer; its Triton stream is cancelled", header["id"])
+                return Response(status_code=499)
             text.append(stop.flush())
         except TritonError as err:
             raise _from_triton(err, parsed) from None
         finally:
             metrics.in_flight.dec()
-            await chunks.aclose()
+            with anyio.CancelScope(shield=True):
+                await chunks.aclose()
         usage.record()
         return JSONResponse(
             {

@@ -286,3 +286,44 @@ def test_stop_text_ends_before_the_first_stop_string_in_any_split(size: int) -> 
         assert trimmer.hit == (expected != answer)
         # Nothing sent is ever taken back: every piece is a prefix extension of the expected text.
         assert expected.startswith("".join(pieces))
+
+
+def test_work_is_cancelled_when_the_client_leaves_and_kept_while_it_stays() -> None:
+    from openai_frontend.app import _unless_client_leaves
+
+    class Client:
+        def __init__(self, leaves_after: int | None) -> None:
+            self.polls, self.leaves_after = 0, leaves_after
+
+        async def is_disconnected(self) -> bool:
+            self.polls += 1
+            return self.leaves_after is not None and self.polls >= self.leaves_after
+
+    async def run() -> None:
+        cancelled = asyncio.Event()
+
+        async def forever() -> None:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        client = Client(leaves_after=3)
+        assert await _unless_client_leaves(forever(), client, poll_s=0.01) is False
+        assert cancelled.is_set() and client.polls == 3
+
+        async def quick() -> str:
+            await asyncio.sleep(0.05)
+            return "done"
+
+        staying = Client(leaves_after=None)
+        assert await _unless_client_leaves(quick(), staying, poll_s=0.01) is True and staying.polls >= 1
+
+        async def broken() -> None:
+            raise ValueError("engine said no")
+
+        with pytest.raises(ValueError, match="engine said no"):
+            await _unless_client_leaves(broken(), Client(None), poll_s=0.01)
+
+    asyncio.run(asyncio.wait_for(run(), 30))

@@ -381,6 +381,23 @@ def test_closed_stream_cancels_its_triton_request(frontend: FrontDoor, server: T
     assert frontend.metrics()["mmtriton_openai_requests_in_flight"] == 0
 
 
+def test_client_that_leaves_a_whole_answer_request_cancels_it_too(frontend: FrontDoor, server: TritonServer) -> None:
+    """Not streamed: the front door notices the closed connection while it collects the answer."""
+    engine = lambda name: metric_sum(scrape_metrics(server.metrics_url), name) or 0.0  # noqa: E731
+    cancelled_before = engine("mmtriton_engine_requests_cancelled_total")
+    tokens_before = engine("mmtriton_engine_step_sequences_total")
+    door_before = frontend.metrics().get("mmtriton_openai_streams_cancelled_total", 0.0)
+    body = {"model": "m", "messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "max_tokens": 256, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up (and closes) before the answer is whole
+        httpx.post(f"{frontend.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.05))
+    assert _wait(lambda: engine("mmtriton_engine_requests_in_flight") == 0)
+    assert _wait(lambda: frontend.metrics().get("mmtriton_openai_streams_cancelled_total", 0.0) == door_before + 1)
+    assert _wait(lambda: engine("mmtriton_engine_requests_cancelled_total") == cancelled_before + 1)
+    assert engine("mmtriton_engine_step_sequences_total") - tokens_before < 256  # ignore_eos: it stopped early
+    assert frontend.metrics()["mmtriton_openai_requests_in_flight"] == 0
+
+
 def test_metrics_count_requests_errors_and_latencies(frontend: FrontDoor, oai: "openai.OpenAI") -> None:
     _ask(oai, [{"role": "user", "content": "metrics"}], stream=True, max_tokens=8)
     _post(frontend, {"messages": [], "n": 3})
