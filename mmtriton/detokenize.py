@@ -45,17 +45,30 @@ class IncrementalDetokenizer:
         stream that ends there loses at most that unfinished character.
         """
         self._ids.extend(int(i) for i in new_ids)
-        text = self._decode(self._ids[self._start :])
-        complete = not text.endswith(REPLACEMENT)
-        stable = text if complete else text.rstrip(REPLACEMENT)
-        out = stable[self._sent :]
-        if complete:
+        # The longest run of tokens whose text ends on a whole character. Trimming the text
+        # instead would not do: byte-fallback decoders turn a whole byte group into U+FFFD
+        # when it ends inside a character, complete characters before the cut included.
+        # A character is at most 4 bytes, so few lengths are ever tried.
+        end, text = len(self._ids), ""
+        while end > self._start:
+            text = self._decode(self._ids[self._start : end])
+            if not text.endswith(REPLACEMENT):
+                break
+            end -= 1
+        else:
+            text = ""
+        if len(text) <= self._sent:
+            # Nothing new yet (an unfinished character, a skipped special token, or a
+            # SentencePiece "▁" whose space shows only once a word follows): keep the window.
+            return ""
+        out = text[self._sent :]
+        if end == len(self._ids):
             # Slide the window: keep the tokens since the previous whole-character point as
             # context (a SentencePiece word start needs the token before it to keep its space).
             self._start, self._mark = self._mark, len(self._ids)
             self._sent = len(self._decode(self._ids[self._start :]))
         else:
-            self._sent = max(self._sent, len(stable))
+            self._sent = len(text)
         return out
 
     def flush(self) -> str:

@@ -36,11 +36,12 @@ def test_streamed_text_equals_full_decode(builder: PromptBuilder, chunk: int) ->
 
 
 @pytest.mark.parametrize("chunk", [2, 3, 5, 8])
+@pytest.mark.parametrize("which", ["bundle", "sentencepiece_style"])
 def test_chunk_ending_inside_a_character_still_sends_the_whole_characters_before_it(
-    builder: PromptBuilder, chunk: int
+    builder: PromptBuilder, request: pytest.FixtureRequest, which: str, chunk: int
 ) -> None:
     """A stream may end on such a chunk (max_tokens): only the unfinished character may be missing."""
-    tok = builder.tokenizer
+    tok = builder.tokenizer if which == "bundle" else request.getfixturevalue("sentencepiece_style")
     ids = tok.encode(TEXT, add_special_tokens=False)
     cuts = [n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith(REPLACEMENT)]
     assert cuts, "the text has no token boundary inside a character"
@@ -52,10 +53,47 @@ def test_chunk_ending_inside_a_character_still_sends_the_whole_characters_before
         head = ids[: cut - chunk]
         text = "".join(detok.push(head[i : i + chunk]) for i in range(0, len(head), chunk))
         text += detok.push(ids[cut - chunk : cut])  # the last chunk: several tokens, ends mid-character
-        whole = tok.decode(ids[:cut]).rstrip(REPLACEMENT)  # every complete character before the cut
+        # Every complete character before the cut: the text of the longest token prefix that
+        # ends on a whole character (byte-fallback decoders replace a whole unfinished byte group).
+        whole = next(t for k in range(cut, -1, -1) if not (t := tok.decode(ids[:k])).endswith(REPLACEMENT))
         assert text == whole, (cut, text, whole)
         checked += 1
     assert checked
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_style() -> object:
+    """A Llama-style tokenizer made here: "▁" word starts, byte fallback, a decoder that strips one leading space.
+
+    Characters without a token (CJK, emoji) become UTF-8 byte tokens, and a lone "▁" at the
+    start of a decode loses its space: the two ways chunked decoding goes wrong with such tokenizers.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for ch in sorted(set("▁" + "".join(c for c in TEXT if ord(c) < 0x2000 and c != " "))):
+        vocab.setdefault(ch, len(vocab))
+    merges = [("▁", "s"), ("▁s", "a")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 8])
+def test_streamed_text_equals_full_decode_with_a_sentencepiece_style_tokenizer(sentencepiece_style, chunk: int) -> None:
+    tok = sentencepiece_style
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    assert tok.decode(ids[:1]) == "" and any(REPLACEMENT in tok.decode([i]) for i in ids)  # both traps are there
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.push(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
+    assert not any(REPLACEMENT in p for p in pieces)
+    assert "".join(pieces) + detok.flush() == TEXT
 
 
 def test_states_are_kept_per_request(builder: PromptBuilder) -> None:
