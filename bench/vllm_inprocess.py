@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from bench.stats import RequestTiming, summarize
-from bench.workload import BenchSettings, Workload, load_tokenizer, max_prompt_tokens
+from bench.workload import BenchSettings, Workload, load_tokenizer, max_prompt_tokens, workload_settings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def read_setup(repo: Path) -> ServedSetup:
     """
     from mmtriton.spec import spec_from_dict
     from mmtriton.triton_config import parse_model_config
+    from mmtriton.vllm_engine import engine_settings
 
     def params(model: str) -> tuple[Any, dict[str, str]]:
         config = parse_model_config((repo / model / "config.pbtxt").read_text(), model)
@@ -84,14 +85,7 @@ def read_setup(repo: Path) -> ServedSetup:
     _, pre_params = params("preprocessing")
     model_dir = Path(llm_params["gpt_model_path"])
     bundle = json.loads((model_dir.parent / "bundle.json").read_text())
-    engine_args = {
-        "max_num_seqs": int(llm.max_batch_size),
-        "max_model_len": int(llm_params["max_model_len"]),
-        "tensor_parallel_size": int(llm_params["tensor_parallel_size"]),
-        "gpu_memory_utilization": float(llm_params["gpu_memory_utilization"]),
-        "enforce_eager": llm_params["enforce_eager"] == "true",
-        "enable_prefix_caching": llm_params["enable_prefix_caching"] == "true",
-    }
+    engine_args = engine_settings(llm_params, int(llm.max_batch_size))
     return ServedSetup(model_dir, engine_args, int(llm_params["vocab_size"]), pre_params, spec_from_dict(bundle["spec"]))
 
 
@@ -180,7 +174,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from mmtriton.vllm_engine import _load_input_embedding
+    from mmtriton.vllm_engine import async_engine_args, load_input_embedding
 
     setup = read_setup(args.repo)
     concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -192,13 +186,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     settings = BenchSettings(
         concurrency=concurrency,
         requests=max(requests),
-        input_tokens=args.input_tokens,
-        input_spread=args.input_spread,
-        output_tokens=args.output_tokens,
-        image_share=args.image_share,
-        audio_share=args.audio_share,
-        audio_seconds=args.audio_seconds,
-        seed=args.seed,
+        **workload_settings(args),
     )
     settings.validate()
     workload = Workload(
@@ -207,13 +195,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         max_prompt_tokens(int(setup.preprocessing["max_input_len"]), settings.input_tokens),
     )
     maker = PromptMaker(setup, args.seed)
-    weight = _load_input_embedding(setup.model_dir)
-    engine = AsyncLLM.from_engine_args(
-        AsyncEngineArgs(
-            model=str(setup.model_dir), skip_tokenizer_init=True, enable_prompt_embeds=True, disable_log_stats=True,
-            **setup.engine_args,
-        )
-    )
+    weight = load_input_embedding(setup.model_dir)
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**async_engine_args(setup.model_dir, setup.engine_args)))
     levels = []
     try:
         warm = [maker.contract(workload.request(-i - 1)) for i in range(args.warmup)]

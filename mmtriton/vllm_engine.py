@@ -64,6 +64,47 @@ def sampling_kwargs(request: GenerationRequest, model_eos_ids: Sequence[int]) ->
     return kwargs
 
 
+def engine_settings(params: dict[str, str], max_batch_size: int) -> dict[str, Any]:
+    """vLLM's engine settings from the ``tensorrt_llm`` model's rendered parameters.
+
+    The one place they are read, for the served model and for the benchmark's
+    in-process anchor (``bench.vllm_inprocess``), so both run the same configuration.
+
+    Args:
+        params: The model's ``config.pbtxt`` parameters (``name -> string_value``).
+        max_batch_size: The model's ``max_batch_size`` (vLLM's ``max_num_seqs``).
+
+    Returns:
+        ``AsyncEngineArgs`` keywords: ``max_num_seqs``, ``max_model_len``,
+        ``tensor_parallel_size``, ``gpu_memory_utilization``, ``enforce_eager``,
+        ``enable_prefix_caching``.
+    """
+    return {
+        "max_num_seqs": max_batch_size,
+        "max_model_len": int(params["max_model_len"]),
+        "tensor_parallel_size": int(params["tensor_parallel_size"]),
+        "gpu_memory_utilization": float(params["gpu_memory_utilization"]),
+        "enforce_eager": params["enforce_eager"] == "true",
+        "enable_prefix_caching": params["enable_prefix_caching"] == "true",
+    }
+
+
+def async_engine_args(model_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """``AsyncEngineArgs`` keywords of a contract engine: ids in, ids out, prompt embeddings on.
+
+    Args:
+        model_dir: The Hugging Face checkpoint.
+        settings: :func:`engine_settings`.
+    """
+    return {
+        "model": str(model_dir),
+        "skip_tokenizer_init": True,  # ids in, ids out: the contract's postprocessing detokenizes
+        "enable_prompt_embeds": True,
+        "disable_log_stats": True,  # vLLM's own periodic log stays off
+        **settings,
+    }
+
+
 @dataclass
 class OutputFilter:
     """Turns vLLM's token deltas into what the contract returns.
@@ -110,37 +151,15 @@ class VllmEngine:
     Args:
         model_dir: Hugging Face checkpoint folder (the bundle's ``llm/``).
         vocab_size: Ids at or above this are prompt-table rows.
-        max_batch_size: vLLM ``max_num_seqs``.
-        max_model_len: Longest prompt plus answer.
-        tensor_parallel_size: GPUs per model replica.
-        gpu_memory_utilization: Share of GPU memory vLLM may take.
-        enforce_eager: Turn CUDA graphs off (they are on by default).
-        enable_prefix_caching: vLLM's prefix cache (it hashes embeddings too).
+        settings: vLLM's engine settings (:func:`engine_settings`): batch (``max_num_seqs``),
+            model length, tensor parallel size, GPU memory share, CUDA graphs, prefix caching.
     """
 
-    def __init__(
-        self,
-        model_dir: Path,
-        *,
-        vocab_size: int,
-        max_batch_size: int,
-        max_model_len: int,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.85,
-        enforce_eager: bool = False,
-        enable_prefix_caching: bool = True,
-    ) -> None:
+    def __init__(self, model_dir: Path, *, vocab_size: int, settings: dict[str, Any]) -> None:
         self.model_dir = Path(model_dir)
         self.vocab_size = vocab_size
-        self.max_batch_size = max_batch_size
-        self.settings = {
-            "max_num_seqs": max_batch_size,
-            "max_model_len": max_model_len,
-            "tensor_parallel_size": tensor_parallel_size,
-            "gpu_memory_utilization": gpu_memory_utilization,
-            "enforce_eager": enforce_eager,
-            "enable_prefix_caching": enable_prefix_caching,
-        }
+        self.max_batch_size = int(settings["max_num_seqs"])
+        self.settings = dict(settings)
         self._records: dict[str, _Record] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -158,7 +177,7 @@ class VllmEngine:
         """Load the embedding weight, start the event loop and the vLLM engine (blocks until ready)."""
         # flashinfer from PyPI compiles its sampler at run time; without nvcc that fails.
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-        self._weight = _load_input_embedding(self.model_dir)
+        self._weight = load_input_embedding(self.model_dir)
         self._eos = frozenset(_model_eos_ids(self.model_dir))
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._create(), self._loop).result()
@@ -168,14 +187,10 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
-            model=str(self.model_dir),
-            skip_tokenizer_init=True,  # ids in, ids out: the contract's postprocessing detokenizes
-            enable_prompt_embeds=True,
-            # vLLM's own periodic log stays off; the stat logger below turns the engine's stats on.
-            disable_log_stats=True,
-            # Each step's batch (prefill chunks included) in SchedulerStats.iteration_details.
+            **async_engine_args(self.model_dir, self.settings),
+            # Each step's batch (prefill chunks included) in SchedulerStats.iteration_details, for
+            # the stat logger below (which turns the engine's statistics on).
             enable_logging_iteration_details=True,
-            **self.settings,
         )
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[self._batch_stats])
 
@@ -302,7 +317,7 @@ class VllmEngine:
             return self._cancelled
 
 
-def _load_input_embedding(model_dir: Path) -> Any:
+def load_input_embedding(model_dir: Path) -> Any:
     """The checkpoint's input embedding on the GPU, in the checkpoint's dtype."""
     import torch
     from safetensors import safe_open

@@ -99,6 +99,13 @@ def test_gpu_vllm_engine_settings_come_from_the_spec(bundle_dir: Path, tmp_path:
     assert (params["tensor_parallel_size"], params["gpu_memory_utilization"]) == ("2", "0.7")
     assert (params["enforce_eager"], params["enable_prefix_caching"], params["stream_chunk_rate"]) == ("true", "false", "0")
     assert config.max_batch_size == 5  # vLLM's max_num_seqs
+    # What the served model and the in-process anchor hand vLLM, typed.
+    from mmtriton.vllm_engine import engine_settings
+
+    assert engine_settings(params, config.max_batch_size) == {
+        "max_num_seqs": 5, "max_model_len": int(params["max_model_len"]), "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.7, "enforce_eager": True, "enable_prefix_caching": False,
+    }
     with pytest.raises(SpecError, match="tensor_parallel_size"):
         render_repository(bundle_dir, tmp_path / "bad", "gpu-vllm", overrides={"serving.tensor_parallel_size": "0"})
 

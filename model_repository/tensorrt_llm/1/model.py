@@ -33,17 +33,12 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.max_batch_size = int(config["max_batch_size"])
         if params.get("engine", "transformers") == "vllm":
-            from mmtriton.vllm_engine import VllmEngine
+            from mmtriton.vllm_engine import VllmEngine, engine_settings
 
             self.engine = VllmEngine(
                 Path(params["gpt_model_path"]),
                 vocab_size=int(params["vocab_size"]),
-                max_batch_size=self.max_batch_size,
-                max_model_len=int(params["max_model_len"]),
-                tensor_parallel_size=int(params["tensor_parallel_size"]),
-                gpu_memory_utilization=float(params["gpu_memory_utilization"]),
-                enforce_eager=params["enforce_eager"] == "true",
-                enable_prefix_caching=params["enable_prefix_caching"] == "true",
+                settings=engine_settings(params, self.max_batch_size),
             )
         else:
             self.engine = Engine(
