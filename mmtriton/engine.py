@@ -120,14 +120,7 @@ def coalesce(first: Sequence[int], items: queue.SimpleQueue) -> tuple[list[int],
         or None; the caller handles that item after yielding the tokens.
     """
     tokens = list(first)
-    while True:
-        try:
-            more = items.get_nowait()
-        except queue.Empty:
-            return tokens, None
-        if not isinstance(more, list):
-            return tokens, more
-        tokens.extend(more)
+    return tokens, _gather(tokens, items)
 
 
 def token_stream(
@@ -172,26 +165,32 @@ def token_stream(
         tokens, held = coalesce(item, items)
         gap = min_gap() if (min_gap is not None and last_sent is not None) else 0.0
         if gap > 0 and held is None:
-            held = _gather_until(tokens, items, last_sent + gap)
+            held = _gather(tokens, items, last_sent + gap)
         yield tokens
         last_sent = time.monotonic()
 
 
-def _gather_until(tokens: list[int], items: queue.SimpleQueue, deadline: float) -> object | None:
-    """Append token lists that arrive before ``deadline`` to ``tokens``.
+def _gather(tokens: list[int], items: queue.SimpleQueue, deadline: float | None = None) -> object | None:
+    """Append the token lists in ``items`` to ``tokens``: those waiting now, or (with a
+    ``deadline``, a ``time.monotonic()`` value) also those that arrive before it.
 
     Returns:
-        The first non-token item (end marker or error), which ends the wait early, or None.
+        The first non-token item (end marker or error), which ends the gathering, or None.
     """
-    while (left := deadline - time.monotonic()) > 0:
+    while True:
         try:
-            more = items.get(timeout=left)
+            if deadline is None:
+                more = items.get_nowait()
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                more = items.get(timeout=left)
         except queue.Empty:
             return None
         if not isinstance(more, list):
             return more
         tokens.extend(more)
-    return None
 
 
 class EngineError(RuntimeError):
