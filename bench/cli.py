@@ -56,7 +56,7 @@ from bench.run import ConfigResult, run_config
 from bench.servers import run_with_cpu_server
 from bench.stats import fmt
 from bench.triton_stats import ServerTarget
-from bench.workload import BenchSettings
+from bench.workload import BenchSettings, workload_settings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -125,15 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency,
         requests=args.requests if args.requests is not None or args.duration is not None else 32,
         duration_s=args.duration,
-        input_tokens=args.input_tokens,
-        input_spread=args.input_spread,
-        output_tokens=args.output_tokens,
-        image_share=args.image_share,
-        audio_share=args.audio_share,
-        audio_seconds=args.audio_seconds,
         warmup=args.warmup,
-        seed=args.seed,
         timeout_s=args.timeout,
+        **workload_settings(args),
     )
     try:
         settings.validate()

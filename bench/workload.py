@@ -190,6 +190,16 @@ class Workload:
             n_words *= 2
 
 
+#: The workload's own settings, named alike in :class:`BenchSettings` and on both command lines
+#: (``python -m bench`` and ``python -m bench.vllm_inprocess``).
+WORKLOAD_FIELDS = ("input_tokens", "input_spread", "output_tokens", "image_share", "audio_share", "audio_seconds", "seed")
+
+
+def workload_settings(args: Any) -> dict[str, Any]:
+    """The :data:`WORKLOAD_FIELDS` of parsed command-line arguments, as ``BenchSettings`` keywords."""
+    return {name: getattr(args, name) for name in WORKLOAD_FIELDS}
+
+
 def max_prompt_tokens(max_input_len: int | None, input_tokens: int) -> int:
     """Longest user text a workload asks for, given the server's ``max_input_len``.
 

@@ -13,9 +13,12 @@ from mmtriton.stub_watchdog import exit_with_parent
 from mmtriton.validation import InputError
 
 
-def _text(tensor: np.ndarray) -> str:
-    value = tensor.reshape(-1)[0]
+def _str(value: object) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _text(tensor: np.ndarray) -> str:
+    return _str(tensor.reshape(-1)[0])
 
 
 class TritonPythonModel:
@@ -54,7 +57,7 @@ class TritonPythonModel:
         else:
             prompt = self.builder.build(_text(query), *media)
         stop = optional_input(request, "STOP_WORDS_DICT")
-        words = [] if stop is None else [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in stop.reshape(-1)]
+        words = [] if stop is None else [_str(w) for w in stop.reshape(-1)]
         outputs = {
             "INPUT_ID": prompt.input_ids[None],
             "REQUEST_INPUT_LEN": np.array([[prompt.input_ids.size]], dtype=np.int32),
