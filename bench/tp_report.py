@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.stats import flat_figures
+from bench.stats import flat_figures, fmt
 from bench.utilization import summarize_gpus
 
 LOGGER = logging.getLogger(__name__)
@@ -327,10 +327,6 @@ def build(folder: Path) -> dict[str, Any]:
     }
 
 
-def _f(value: Any, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def _pct(value: float | None, spec: str = ".0f") -> str:
     return "n/a" if value is None else f"{value:{spec}}%"
 
@@ -393,11 +389,11 @@ def markdown(report: dict[str, Any]) -> str:
         for row in report["levels"]:
             a, b, r = row[key]["1"] or {}, row[key]["2"] or {}, row[ratio_key] or {}
             out.append(
-                f"| {row['concurrency']} | {_f(a.get('tok_s'), '.0f')} | {_f(b.get('tok_s'), '.0f')} "
-                f"| {_f(r.get('tok_s'), '.2f')} | {_f(a.get('p99_s'), '.2f')} | {_f(b.get('p99_s'), '.2f')} "
-                f"| {_f(r.get('p99_s'), '.2f')} | {_f(a.get('ttft_ms'), '.0f')} / {_f(b.get('ttft_ms'), '.0f')} "
-                f"| {_f(r.get('ttft_ms'), '.2f')} | {_f(a.get('itl_ms'), '.2f')} / {_f(b.get('itl_ms'), '.2f')} "
-                f"| {_f(r.get('itl_ms'), '.2f')} |"
+                f"| {row['concurrency']} | {fmt(a.get('tok_s'), '.0f')} | {fmt(b.get('tok_s'), '.0f')} "
+                f"| {fmt(r.get('tok_s'), '.2f')} | {fmt(a.get('p99_s'), '.2f')} | {fmt(b.get('p99_s'), '.2f')} "
+                f"| {fmt(r.get('p99_s'), '.2f')} | {fmt(a.get('ttft_ms'), '.0f')} / {fmt(b.get('ttft_ms'), '.0f')} "
+                f"| {fmt(r.get('ttft_ms'), '.2f')} | {fmt(a.get('itl_ms'), '.2f')} / {fmt(b.get('itl_ms'), '.2f')} "
+                f"| {fmt(r.get('itl_ms'), '.2f')} |"
             )
         return out
 
@@ -416,9 +412,9 @@ def markdown(report: dict[str, Any]) -> str:
         r1, r2 = row["served_over_inprocess"]["1"] or {}, row["served_over_inprocess"]["2"] or {}
         a2, s2 = row["inprocess"]["2"] or {}, row["served"]["2"] or {}
         lines.append(
-            f"| {row['concurrency']} | {_f(r1.get('tok_s'), '.2f')} | {_f(r1.get('p99_s'), '.2f')} "
-            f"| {_f(a2.get('tok_s'), '.0f')} | {_f(s2.get('tok_s'), '.0f')} "
-            f"| {_f(r2.get('tok_s'), '.2f')} | {_f(r2.get('p99_s'), '.2f')} | {_ok(row['target_served_tp2_ok'])} |"
+            f"| {row['concurrency']} | {fmt(r1.get('tok_s'), '.2f')} | {fmt(r1.get('p99_s'), '.2f')} "
+            f"| {fmt(a2.get('tok_s'), '.0f')} | {fmt(s2.get('tok_s'), '.0f')} "
+            f"| {fmt(r2.get('tok_s'), '.2f')} | {fmt(r2.get('p99_s'), '.2f')} | {_ok(row['target_served_tp2_ok'])} |"
         )
     itl = report.get("itl_c1")
     lines += [""]
@@ -428,8 +424,8 @@ def markdown(report: dict[str, Any]) -> str:
     else:
         lines.append("Served ITL at c=1, TP=2 against TP=1: n/a (a side was not run).")
     floors = report["weight_read_floor_ms"]
-    lines += ["", f"Weight-read floor per decode step (GPU 0's copy bandwidth): TP=1 {_f(floors['1'], '.2f')} ms, "
-              f"TP=2 {_f(floors['2'], '.2f')} ms (each rank reads half the weights).", ""]
+    lines += ["", f"Weight-read floor per decode step (GPU 0's copy bandwidth): TP=1 {fmt(floors['1'], '.2f')} ms, "
+              f"TP=2 {fmt(floors['2'], '.2f')} ms (each rank reads half the weights).", ""]
     lines += [
         "Per GPU, served (NVML utilization and memory from Triton's `/metrics`, sampled during the level; "
         "MBU = weight bytes / TP x engine steps/s / the GPU's copy bandwidth):",
@@ -445,9 +441,9 @@ def markdown(report: dict[str, Any]) -> str:
             for g in s["gpus"]:
                 mem = g.get("memory_used_max_bytes")
                 lines.append(
-                    f"| {tp} | {row['concurrency']} | {g['gpu']} | {_f(g['rank'], 'd')} "
+                    f"| {tp} | {row['concurrency']} | {g['gpu']} | {fmt(g['rank'], 'd')} "
                     f"| {_pct(g.get('util_mean_pct'))} / {_pct(g.get('util_max_pct'))} "
-                    f"| {_f(None if mem is None else mem / GIB, '.1f')} | {_f(s['steps_per_s'], '.1f')} "
+                    f"| {fmt(None if mem is None else mem / GIB, '.1f')} | {fmt(s['steps_per_s'], '.1f')} "
                     f"| {_pct(g['mbu_pct'], '.1f')} |"
                 )
     lines += [""] + _placement_lines(report)

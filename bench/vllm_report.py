@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.stats import flat_figures
+from bench.stats import flat_figures, fmt
 
 TARGETS = {"tok_s_ratio": 0.9, "p99_ratio": 1.2, "itl_floor_ratio": 1.5, "mbu_pct": 55.0}
 
@@ -97,10 +97,6 @@ def build(folder: Path, floor_ms: float | None) -> dict[str, Any]:
     }
 
 
-def _f(value: Any, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def markdown(report: dict[str, Any]) -> str:
     """The comparison as Markdown tables."""
     hw = report.get("hardware") or {}
@@ -119,10 +115,10 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["levels"]:
         a, s = row["inprocess"], row["served"] or {}
         lines.append(
-            f"| {row['concurrency']} | {a['tok_s']:.0f} | {_f(s.get('tok_s'), '.0f')} | {_f(row.get('tok_s_ratio'), '.2f')} "
-            f"| {a['p99_s']:.2f} | {_f(s.get('p99_s'), '.2f')} | {_f(row.get('p99_ratio'), '.2f')} "
-            f"| {a['ttft_ms']:.0f} / {_f(s.get('ttft_ms'), '.0f')} | {a['itl_ms']:.2f} / {_f(s.get('itl_ms'), '.2f')} "
-            f"| {_f(s.get('mbu_pct'), '.1f')}% | {_f(s.get('mean_batch'), '.1f')} | {_f(s.get('gpu_util_pct'), '.0f')}% |"
+            f"| {row['concurrency']} | {a['tok_s']:.0f} | {fmt(s.get('tok_s'), '.0f')} | {fmt(row.get('tok_s_ratio'), '.2f')} "
+            f"| {a['p99_s']:.2f} | {fmt(s.get('p99_s'), '.2f')} | {fmt(row.get('p99_ratio'), '.2f')} "
+            f"| {a['ttft_ms']:.0f} / {fmt(s.get('ttft_ms'), '.0f')} | {a['itl_ms']:.2f} / {fmt(s.get('itl_ms'), '.2f')} "
+            f"| {fmt(s.get('mbu_pct'), '.1f')}% | {fmt(s.get('mean_batch'), '.1f')} | {fmt(s.get('gpu_util_pct'), '.0f')}% |"
         )
     floor = report.get("weight_read_floor_ms")
     c1 = next((r for r in report["levels"] if r["concurrency"] == 1), None)
@@ -146,7 +142,7 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(
                     f"| {name.removeprefix('rate')} | {row['concurrency']} | {u['tok_s']:.0f} | {u['tok_s_ratio']:.2f} "
                     f"| {u['p99_s']:.2f} | {u['p99_ratio']:.2f} | {u['itl_p99_ms']:.1f} | {post.get('success', 'n/a')} "
-                    f"| {_f(post.get('queue_ms'), '.2f')} | {_f(post.get('compute_infer_ms'), '.2f')} |"
+                    f"| {fmt(post.get('queue_ms'), '.2f')} | {fmt(post.get('compute_infer_ms'), '.2f')} |"
                 )
         lines += ["", "The served rows' own postprocessing figures:", "",
                   "| c | postprocessing requests | their queue (ms) | their compute (ms) | ITL P99 (ms) |",
@@ -155,8 +151,8 @@ def markdown(report: dict[str, Any]) -> str:
             s = row["served"]
             if s:
                 post = s["models"].get("postprocessing", {})
-                lines.append(f"| {row['concurrency']} | {post.get('success', 'n/a')} | {_f(post.get('queue_ms'), '.2f')} "
-                             f"| {_f(post.get('compute_infer_ms'), '.2f')} | {s['itl_p99_ms']:.1f} |")
+                lines.append(f"| {row['concurrency']} | {post.get('success', 'n/a')} | {fmt(post.get('queue_ms'), '.2f')} "
+                             f"| {fmt(post.get('compute_infer_ms'), '.2f')} | {s['itl_p99_ms']:.1f} |")
     lines += ["", "Before / after (served, same workload): one sequence at a time vs in-flight batching; "
               "today's transformers engine beside them.", "",
               "| engine | c | avg latency (s) | QPS | NVML util | P99 (s) | output tok/s | MBU |",
@@ -167,8 +163,8 @@ def markdown(report: dict[str, Any]) -> str:
                           ("transformers continuous batching", report["hf"])):
         for c, r in sorted(levels.items()):
             lines.append(
-                f"| {label} | {c} | {r['latency_avg_s']:.2f} | {r['req_s']:.2f} | {_f(r['gpu_util_pct'], '.0f')}% "
-                f"| {r['p99_s']:.2f} | {r['tok_s']:.0f} | {_f(r['mbu_pct'], '.1f')}% |"
+                f"| {label} | {c} | {r['latency_avg_s']:.2f} | {r['req_s']:.2f} | {fmt(r['gpu_util_pct'], '.0f')}% "
+                f"| {r['p99_s']:.2f} | {r['tok_s']:.0f} | {fmt(r['mbu_pct'], '.1f')}% |"
             )
     return "\n".join(lines) + "\n"
 
