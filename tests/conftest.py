@@ -110,6 +110,25 @@ def grpc_url(server: "TritonServer") -> str:
 
 
 @pytest.fixture(scope="session")
+def client(grpc_url: str) -> "ChatClient":
+    """The gRPC chat client on the session's server."""
+    from clients.llm import ChatClient
+
+    return ChatClient(grpc_url)
+
+
+@pytest.fixture(scope="session")
+def media() -> tuple[bytes, bytes]:
+    """A 320x240 JPEG and a 1.5 s 16 kHz WAV."""
+    from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+
+    return (
+        encode_image(synthetic_image(320, 240, seed=21), "JPEG"),
+        encode_audio(synthetic_audio(16000, 1.5, seed=22), 16000, "WAV"),
+    )
+
+
+@pytest.fixture(scope="session")
 def cpu_server_metric_names(server: "TritonServer") -> set[str]:
     """Metric names the real CPU server exports on ``/metrics`` (the Grafana dashboard is checked against them)."""
     import urllib.request

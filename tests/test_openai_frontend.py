@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -24,7 +24,7 @@ from bench.triton_stats import metric_sum, scrape_metrics
 from clients.embed import embed
 from clients.llm import ChatClient, Sampling, conversation_json, request_values
 from mmtriton.prompting import PromptBuilder
-from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+from mmtriton.samples import encode_image, synthetic_image
 from mmtriton.server import TritonServer
 from tests.bad_inputs import corrupt_png_data
 from tests.conftest import ROOT
@@ -94,19 +94,6 @@ def oai(frontend: FrontDoor) -> "openai.OpenAI":
     import openai
 
     return openai.OpenAI(base_url=f"{frontend.url}/v1", api_key="EMPTY", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def client(grpc_url: str) -> ChatClient:
-    return ChatClient(grpc_url)
-
-
-@pytest.fixture(scope="module")
-def media() -> tuple[bytes, bytes]:
-    return (
-        encode_image(synthetic_image(320, 240, seed=31), "JPEG"),
-        encode_audio(synthetic_audio(16000, 1.5, seed=32), 16000, "WAV"),
-    )
 
 
 def _image_part(data: bytes, mime: str = "image/jpeg") -> dict:
@@ -348,7 +335,7 @@ def test_allowlisted_loopback_fetch_works_and_stops_big_bodies(
         origin.close()
 
 
-def _wait(condition: "Callable[[], bool]", deadline_s: float = 30.0) -> bool:
+def _wait(condition: Callable[[], bool], deadline_s: float = 30.0) -> bool:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if condition():
@@ -357,21 +344,15 @@ def _wait(condition: "Callable[[], bool]", deadline_s: float = 30.0) -> bool:
     return condition()
 
 
-def test_closed_stream_cancels_its_triton_request(frontend: FrontDoor, server: TritonServer) -> None:
+def _abandon_and_check_cancelled(frontend: FrontDoor, server: TritonServer, leave: Callable[[dict], None]) -> None:
+    """``leave`` sends a 256-token ``ignore_eos`` request and goes away before the end; then check
+    that the front door cancelled it and the engine stopped early and freed its slot."""
     engine = lambda name: metric_sum(scrape_metrics(server.metrics_url), name) or 0.0  # noqa: E731
     cancelled_before = engine("mmtriton_engine_requests_cancelled_total")
     tokens_before = engine("mmtriton_engine_step_sequences_total")
     door_before = frontend.metrics().get("mmtriton_openai_streams_cancelled_total", 0.0)
-    body = {"model": "m", "messages": [{"role": "user", "content": "Tell me a very long story."}],
-            "max_tokens": 256, "ignore_eos": True, "stream": True}
-    received = 0
-    with httpx.stream("POST", f"{frontend.url}/v1/chat/completions", json=body, timeout=60) as resp:
-        assert resp.status_code == 200
-        for line in resp.iter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                received += 1
-                if received >= 3:
-                    break  # leaving the block closes the connection mid-answer
+    leave({"model": "m", "messages": [{"role": "user", "content": "Tell me a very long story."}],
+           "max_tokens": 256, "ignore_eos": True})
     assert _wait(lambda: engine("mmtriton_engine_requests_in_flight") == 0)
     assert _wait(lambda: frontend.metrics().get("mmtriton_openai_streams_cancelled_total", 0.0) == door_before + 1)
     # The engine counted the cancellation (its metrics refresh every 0.2 s) and stopped early:
@@ -381,21 +362,28 @@ def test_closed_stream_cancels_its_triton_request(frontend: FrontDoor, server: T
     assert frontend.metrics()["mmtriton_openai_requests_in_flight"] == 0
 
 
+def test_closed_stream_cancels_its_triton_request(frontend: FrontDoor, server: TritonServer) -> None:
+    def leave(body: dict) -> None:
+        received = 0
+        with httpx.stream("POST", f"{frontend.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    received += 1
+                    if received >= 3:
+                        break  # leaving the block closes the connection mid-answer
+
+    _abandon_and_check_cancelled(frontend, server, leave)
+
+
 def test_client_that_leaves_a_whole_answer_request_cancels_it_too(frontend: FrontDoor, server: TritonServer) -> None:
     """Not streamed: the front door notices the closed connection while it collects the answer."""
-    engine = lambda name: metric_sum(scrape_metrics(server.metrics_url), name) or 0.0  # noqa: E731
-    cancelled_before = engine("mmtriton_engine_requests_cancelled_total")
-    tokens_before = engine("mmtriton_engine_step_sequences_total")
-    door_before = frontend.metrics().get("mmtriton_openai_streams_cancelled_total", 0.0)
-    body = {"model": "m", "messages": [{"role": "user", "content": "Tell me a very long story."}],
-            "max_tokens": 256, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):  # the client gives up (and closes) before the answer is whole
-        httpx.post(f"{frontend.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.05))
-    assert _wait(lambda: engine("mmtriton_engine_requests_in_flight") == 0)
-    assert _wait(lambda: frontend.metrics().get("mmtriton_openai_streams_cancelled_total", 0.0) == door_before + 1)
-    assert _wait(lambda: engine("mmtriton_engine_requests_cancelled_total") == cancelled_before + 1)
-    assert engine("mmtriton_engine_step_sequences_total") - tokens_before < 256  # ignore_eos: it stopped early
-    assert frontend.metrics()["mmtriton_openai_requests_in_flight"] == 0
+
+    def leave(body: dict) -> None:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up (and closes) before the answer is whole
+            httpx.post(f"{frontend.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.05))
+
+    _abandon_and_check_cancelled(frontend, server, leave)
 
 
 def test_metrics_count_requests_errors_and_latencies(frontend: FrontDoor, oai: "openai.OpenAI") -> None:

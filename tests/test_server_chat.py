@@ -19,7 +19,6 @@ from clients.embed import embed
 from clients.errors import InvalidInputError
 from clients.llm import Answer, ChatClient, Sampling
 from mmtriton.detokenize import REPLACEMENT
-from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 from mmtriton.server import TritonServer
 
 
@@ -75,19 +74,6 @@ class Reference:
 @pytest.fixture(scope="module")
 def reference(bundle_dir: Path) -> Reference:
     return Reference(bundle_dir)
-
-
-@pytest.fixture(scope="module")
-def client(grpc_url: str) -> ChatClient:
-    return ChatClient(grpc_url)
-
-
-@pytest.fixture(scope="module")
-def media() -> tuple[bytes, bytes]:
-    return (
-        encode_image(synthetic_image(320, 240, seed=21), "JPEG"),
-        encode_audio(synthetic_audio(16000, 1.5, seed=22), 16000, "WAV"),
-    )
 
 
 def _visible(text: str) -> str:
