@@ -139,6 +139,23 @@ def cpu_server_metric_names(server: "TritonServer") -> set[str]:
         return prometheus_metric_names(resp.read().decode())
 
 
+def probe_server(cpu_repo: Path, work_dir: Path) -> "TritonServer":
+    """A server of its own (not started) with only what ``mmtriton.probe`` uses loaded.
+
+    For liveness tests that freeze one of its stubs: the python backend aborts the whole
+    server when a stopped stub is resumed, so such a server is never shared.
+    """
+    from mmtriton.server import TritonServer
+
+    return TritonServer(
+        model_repository=cpu_repo,
+        work_dir=work_dir,
+        pythonpath=[ROOT],
+        exit_timeout_s=3,
+        extra_args=["--model-control-mode=explicit", "--load-model=embed_image", "--load-model=chat_text"],
+    )
+
+
 def stub_pid(server: "TritonServer", model: str) -> int:
     """Pid of the python backend stub that serves ``model`` on ``server`` (to SIGSTOP it by its own pid)."""
     for pid in server.leftover_processes():

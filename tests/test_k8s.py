@@ -45,7 +45,7 @@ from build_engines.render import PROFILES, python_engine_parameters, render_repo
 from build_engines.stack import load_stack
 from mmtriton import tp_launcher
 from mmtriton.spec import load_spec
-from tests.conftest import stub_pid
+from tests.conftest import probe_server, stub_pid
 from tests.k8s_checks import (
     K8S,
     OVERLAYS,
@@ -602,8 +602,6 @@ def test_dashboard_configmap_is_the_compose_dashboard() -> None:
 
 def test_liveness_probe_command_fails_within_its_timeout_on_a_wedged_server(cpu_repo: Path, tmp_path: Path) -> None:
     """The manifest's exec command (python3 -> this interpreter, --url -> this server) on a server of its own."""
-    from mmtriton.server import TritonServer
-
     probe = container(find(render("trtllm-tp2"), "Deployment", "triton-worker"), "triton")["livenessProbe"]
     for overlay in ("vllm-1gpu", "vllm-tp2"):
         assert container(find(render(overlay), "Deployment", "triton-worker"), "triton")["livenessProbe"] == probe
@@ -618,13 +616,7 @@ def test_liveness_probe_command_fails_within_its_timeout_on_a_wedged_server(cpu_
         proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s + 30)
         return proc.returncode, time.monotonic() - start, proc.stderr
 
-    srv = TritonServer(
-        model_repository=cpu_repo,
-        work_dir=tmp_path / "server",
-        pythonpath=[ROOT],
-        exit_timeout_s=3,
-        extra_args=["--model-control-mode=explicit", "--load-model=embed_image", "--load-model=chat_text"],
-    )
+    srv = probe_server(cpu_repo, tmp_path / "server")
     with srv:
         code, took, err = run(srv.grpc_url)
         assert code == 0, err

@@ -50,7 +50,7 @@ from clients.llm import ChatClient, Sampling, grpc_inputs, request_values
 from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 from mmtriton.server import TritonServer, session_processes
 from tests.bad_inputs import bad_audio, bad_images
-from tests.conftest import stub_pid
+from tests.conftest import probe_server, stub_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGGER = logging.getLogger(__name__)
@@ -502,13 +502,7 @@ def test_liveness_probe_fails_on_a_wedged_server(cpu_repo: Path, tmp_path: Path)
     server is not reused.)
     """
     deadline = 5.0
-    srv = TritonServer(
-        model_repository=cpu_repo,
-        work_dir=tmp_path / "server",
-        pythonpath=[ROOT],
-        exit_timeout_s=3,
-        extra_args=["--model-control-mode=explicit", "--load-model=embed_image", "--load-model=chat_text"],
-    )
+    srv = probe_server(cpu_repo, tmp_path / "server")
     with srv:
         code, _, err = _probe(srv, deadline)
         assert code == 0, err
