@@ -22,6 +22,30 @@ ensure_bundle() {  # the 9B-shaped random-weight bundle, built on the GPU unless
     --out "$BUNDLE" --device cuda
 }
 
+measure_bandwidth() {  # $OUT/bandwidth.json: each GPU's copy bandwidth, weight bytes, GPU 0's weight-read floor
+  "$PY" - "$BUNDLE/llm" "$OUT/bandwidth.json" <<'EOF'
+import json, sys
+import torch
+from bench.decode import copy_bandwidth
+from bench.utilization import weight_bytes
+weights = weight_bytes(sys.argv[1])
+gpus = []
+for index in range(torch.cuda.device_count()):
+    with torch.cuda.device(index):
+        bw = copy_bandwidth()
+    props = torch.cuda.get_device_properties(index)
+    gpus.append({"index": index, "name": props.name, "uuid": f"GPU-{props.uuid}", "copy_bandwidth_gbs": bw / 1e9})
+out = {"gpu": gpus[0]["name"], "copy_bandwidth_gbs": gpus[0]["copy_bandwidth_gbs"], "weight_bytes": weights,
+       "weight_read_floor_ms": weights / (gpus[0]["copy_bandwidth_gbs"] * 1e9) * 1e3, "gpus": gpus}
+json.dump(out, open(sys.argv[2], "w"), indent=1)
+print(out)
+EOF
+}
+
+bandwidth_gbs() {  # GPU 0's copy bandwidth from bandwidth.json (bench's --copy-bandwidth-gbs, its MBU column)
+  "$PY" -c "import json; print(json.load(open('$OUT/bandwidth.json'))['copy_bandwidth_gbs'])"
+}
+
 SERVER=
 serve_start() {  # serve_start NAME: python -m mmtriton.server on $WORK/repo-NAME, ports 18000-18002
   log "starting tritonserver on repo-$1 (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-all})"

@@ -37,7 +37,7 @@ shift
 STEPS=${*:-bundle bandwidth inprocess-tp1 inprocess-tp2 served-tp1 served-tp2 report}
 TOOL=tp_measure
 # shellcheck source=tools/measure_lib.sh
-. "$ROOT/tools/measure_lib.sh"  # WORK, PY, BUNDLE, log, WORKLOAD, C1_REQUESTS, REQUESTS, ensure_bundle, serve_start, serve_stop
+. "$ROOT/tools/measure_lib.sh"  # WORK, PY, BUNDLE, log, WORKLOAD, C1_REQUESTS, REQUESTS, ensure_bundle, measure_bandwidth, bandwidth_gbs, serve_start, serve_stop
 # The GPUs this host lets the script use, in order (CUDA_VISIBLE_DEVICES as given, else every GPU).
 HOST_GPUS=${CUDA_VISIBLE_DEVICES-}
 
@@ -77,10 +77,6 @@ render() {  # render TP: the gpu-vllm repository with tensor_parallel_size TP, e
 
 trap serve_stop EXIT
 
-bandwidth_gbs() {  # GPU 0's copy bandwidth (bench's MBU column; the report computes MBU per GPU)
-  "$PY" -c "import json; print(json.load(open('$OUT/bandwidth.json'))['copy_bandwidth_gbs'])"
-}
-
 bench() {  # bench RESULTS_DIR CONCURRENCY REQUESTS
   "$PY" -m bench --url localhost:18001 --metrics-url http://localhost:18002/metrics \
     --server-pid "$SERVER" --concurrency "$2" --requests "$3" "${WORKLOAD[@]}" --warmup 4 --timeout 900 \
@@ -111,25 +107,7 @@ for step in $STEPS; do
   log "step $step"
   case $step in
     bundle) ensure_bundle ;;
-    bandwidth)
-      "$PY" - "$BUNDLE/llm" "$OUT/bandwidth.json" <<'EOF'
-import json, sys
-import torch
-from bench.decode import copy_bandwidth
-from bench.utilization import weight_bytes
-weights = weight_bytes(sys.argv[1])
-gpus = []
-for index in range(torch.cuda.device_count()):
-    with torch.cuda.device(index):
-        bw = copy_bandwidth()
-    props = torch.cuda.get_device_properties(index)
-    gpus.append({"index": index, "name": props.name, "uuid": f"GPU-{props.uuid}", "copy_bandwidth_gbs": bw / 1e9})
-out = {"gpu": gpus[0]["name"], "copy_bandwidth_gbs": gpus[0]["copy_bandwidth_gbs"], "weight_bytes": weights,
-       "weight_read_floor_ms": weights / (gpus[0]["copy_bandwidth_gbs"] * 1e9) * 1e3, "gpus": gpus}
-json.dump(out, open(sys.argv[2], "w"), indent=1)
-print(out)
-EOF
-      ;;
+    bandwidth) measure_bandwidth ;;
     inprocess) inprocess 1; inprocess 2 ;;
     inprocess-tp1) inprocess 1 ;;
     inprocess-tp2) inprocess 2 ;;

@@ -6,7 +6,7 @@
 #
 # Steps (default: all, in this order; each leaves its files in OUT_DIR):
 #   bundle     the 9B-shaped random-weight bundle, built on the GPU (skipped when present)
-#   bandwidth  device copy bandwidth (read + write) and the weight-read floor -> bandwidth.json
+#   bandwidth  copy bandwidth (read + write) of each GPU and the weight-read floor (GPU 0) -> bandwidth.json
 #   inprocess  the anchor: bench.vllm_inprocess on the served repository's settings -> inprocess.json
 #   served     the product: tritonserver on the gpu-vllm repository, bench c=1 and c=16,32,64 -> served-*/
 #   unpaced    the same server with other stream_chunk_rate values (PACE_RATES, default "0": every engine
@@ -26,7 +26,7 @@ shift
 STEPS=${*:-bundle bandwidth inprocess served unpaced before hf report}
 TOOL=vllm_measure
 # shellcheck source=tools/measure_lib.sh
-. "$ROOT/tools/measure_lib.sh"  # WORK, PY, BUNDLE, log, WORKLOAD, C1_REQUESTS, REQUESTS, ensure_bundle, serve_start, serve_stop
+. "$ROOT/tools/measure_lib.sh"  # WORK, PY, BUNDLE, log, WORKLOAD, C1_REQUESTS, REQUESTS, ensure_bundle, measure_bandwidth, bandwidth_gbs, serve_start, serve_stop
 
 render() {  # render NAME PROFILE [--set k=v ...]
   local name=$1 profile=$2
@@ -37,13 +37,9 @@ render() {  # render NAME PROFILE [--set k=v ...]
 
 trap serve_stop EXIT
 
-bandwidth_args() {
-  "$PY" -c "import json; print(json.load(open('$OUT/bandwidth.json'))['copy_bandwidth_gbs'])"
-}
-
 bench() {  # bench RESULTS_DIR CONCURRENCY REQUESTS
   "$PY" -m bench --url localhost:18001 --metrics-url http://localhost:18002/metrics --concurrency "$2" \
-    --requests "$3" "${WORKLOAD[@]}" --warmup 4 --timeout 900 --copy-bandwidth-gbs "$(bandwidth_args)" \
+    --requests "$3" "${WORKLOAD[@]}" --warmup 4 --timeout 900 --copy-bandwidth-gbs "$(bandwidth_gbs)" \
     --results-dir "$OUT/$1" 2>&1 | grep -E "^\[|tok/s|Error|error" | tail -8
 }
 
@@ -51,20 +47,7 @@ for step in $STEPS; do
   log "step $step"
   case $step in
     bundle) ensure_bundle ;;
-    bandwidth)
-      "$PY" - "$BUNDLE/llm" "$OUT/bandwidth.json" <<'EOF'
-import json, sys
-import torch
-from bench.decode import copy_bandwidth
-from bench.utilization import weight_bytes
-bw = copy_bandwidth()
-weights = weight_bytes(sys.argv[1])
-out = {"gpu": torch.cuda.get_device_name(0), "copy_bandwidth_gbs": bw / 1e9, "weight_bytes": weights,
-       "weight_read_floor_ms": weights / bw * 1e3}
-json.dump(out, open(sys.argv[2], "w"), indent=1)
-print(out)
-EOF
-      ;;
+    bandwidth) measure_bandwidth ;;
     inprocess)
       render vllm gpu-vllm
       "$PY" -m bench.vllm_inprocess --repo "$WORK/repo-vllm" --concurrency 1,16,32,64 \
