@@ -40,6 +40,15 @@ def bundle_dir(spec: ModelSpec) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gpu_bundle() -> Path:
+    """The tiny-gpu bundle (GPU smoke spec, compose default; built once, reused while its spec is unchanged)."""
+    from build_engines.bundle import build_bundle
+
+    spec = load_spec(ROOT / "build_engines" / "specs" / "tiny-gpu.toml")
+    return build_bundle(spec, BUILD / "bundles" / spec.name)
+
+
+@pytest.fixture(scope="session")
 def builder(bundle_dir: Path, spec: ModelSpec) -> "PromptBuilder":
     """The preprocessing model's prompt builder for the tiny bundle, in-process."""
     import json

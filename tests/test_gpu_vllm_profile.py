@@ -30,7 +30,6 @@ from mmtriton.spec import ModelSpec, load_spec
 from tests.test_gpu_trtllm_profile import APT_HINT, _compose_validator
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILD = Path(os.environ.get("MMTRITON_BUILD", ROOT / "build"))
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile.vllm"
 TINY_GPU_SPEC = ROOT / "build_engines" / "specs" / "tiny-gpu.toml"
@@ -104,14 +103,6 @@ def rendered_tp(spec: ModelSpec) -> int:
 @pytest.fixture(scope="module")
 def tiny_gpu() -> ModelSpec:
     return load_spec(TINY_GPU_SPEC)
-
-
-@pytest.fixture(scope="module")
-def tiny_gpu_bundle(tiny_gpu: ModelSpec) -> Path:
-    """The tiny-gpu bundle (the compose default spec), built once and reused while its spec is unchanged."""
-    from build_engines.bundle import build_bundle
-
-    return build_bundle(tiny_gpu, BUILD / "bundles" / tiny_gpu.name)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ tiny-gpu bundle, per-request seeds, and stop.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -113,17 +112,12 @@ def test_gpu_vllm_engine_settings_come_from_the_spec(bundle_dir: Path, tmp_path:
 # ----------------------------------------------------------------------------- on a GPU
 
 @pytest.fixture(scope="module")
-def gpu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def gpu_bundle(request: pytest.FixtureRequest) -> Path:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     pytest.importorskip("vllm")
-    from build_engines.bundle import build_bundle
-    from mmtriton.spec import load_spec
-
-    spec = load_spec(ROOT / "build_engines" / "specs" / "tiny-gpu.toml")
-    build = Path(os.environ.get("MMTRITON_BUILD", ROOT / "build"))
-    return build_bundle(spec, build / "bundles" / spec.name)
+    return request.getfixturevalue("tiny_gpu_bundle")  # built only where the GPU tests run
 
 
 def _server(repo: Path, work: Path) -> "TritonServer":
