@@ -108,17 +108,9 @@ class PromptMaker:
     def __init__(self, setup: ServedSetup, seed: int = 0) -> None:
         from mmtriton.prompting import PromptBuilder
 
-        pre = setup.preprocessing
-        self.builder = PromptBuilder(
-            Path(pre["tokenizer_dir"]),
-            vocab_size=int(pre["vocab_size"]),
-            hidden_size=int(pre["hidden_size"]),
-            image_token=pre["image_token"],
-            audio_token=pre["audio_token"],
-            max_input_len=int(pre["max_input_len"]),
-        )
+        self.builder = PromptBuilder.from_parameters(setup.preprocessing)
         self.spec = setup.spec
-        self.hidden = int(pre["hidden_size"])
+        self.hidden = self.builder.hidden_size
         self.rng = np.random.default_rng(seed)
 
     def _rows(self, n: int) -> np.ndarray:

@@ -223,6 +223,22 @@ class PromptBuilder:
         self.audio_id = self.tokenizer.convert_tokens_to_ids(audio_token)
         self.max_input_len = max_input_len
 
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> PromptBuilder:
+        """The builder the ``preprocessing`` model's rendered parameters describe.
+
+        The one place they are read: the model itself and the benchmark's in-process
+        anchor (``bench.vllm_inprocess``) build prompts the same way.
+        """
+        return cls(
+            Path(params["tokenizer_dir"]),
+            vocab_size=int(params["vocab_size"]),
+            hidden_size=int(params["hidden_size"]),
+            image_token=params["image_token"],
+            audio_token=params["audio_token"],
+            max_input_len=int(params["max_input_len"]),
+        )
+
     def _content(self, text: str, has_image: bool, has_audio: bool) -> str:
         for token, present, name in ((self.image_token, has_image, "image"), (self.audio_token, has_audio, "audio")):
             count = text.count(token)

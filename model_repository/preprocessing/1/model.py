@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -27,14 +25,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         exit_with_parent()
         params = model_parameters(args)
-        self.builder = PromptBuilder(
-            Path(params["tokenizer_dir"]),
-            vocab_size=int(params["vocab_size"]),
-            hidden_size=int(params["hidden_size"]),
-            image_token=params["image_token"],
-            audio_token=params["audio_token"],
-            max_input_len=int(params["max_input_len"]),
-        )
+        self.builder = PromptBuilder.from_parameters(params)
         self.limits = SamplingLimits(max_output_len=int(params["max_output_len"]))
         self.end_id = int(params["end_id"])
         self.pad_id = int(params["pad_id"])
