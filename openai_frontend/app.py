@@ -299,6 +299,28 @@ class _CountRequests:
             self.metrics.requests.labels(scope["path"], str(status["code"])).inc()
 
 
+async def _answer_pieces(
+    first: Chunk | None, chunks: AsyncIterator[Chunk], usage: _Usage, stop: StopText
+) -> AsyncIterator[str]:
+    """The answer's text as it streams in: counted in ``usage``, cut at the first stop string
+    (``stop``), empty pieces left out, the held-back tail last. At a stop string it stops
+    reading; closing ``chunks`` then cancels the rest of the generation.
+    """
+    if first is not None:
+        usage.add(first)
+        if piece := stop.push(first.text):
+            yield piece
+        while not stop.hit:
+            chunk = await anext(chunks, None)
+            if chunk is None:
+                break
+            usage.add(chunk)
+            if piece := stop.push(chunk.text):
+                yield piece
+    if piece := stop.flush():
+        yield piece
+
+
 async def _unless_client_leaves(work: Any, request: Request, poll_s: float = 0.1) -> bool:
     """Run ``work`` (a coroutine) to its end, unless the HTTP client disconnects first.
 
@@ -446,16 +468,7 @@ def create_app(config: FrontendConfig) -> FastAPI:
         stop = StopText(sampling.stop_words)
 
         async def collect() -> None:
-            if first is None:
-                return
-            usage.add(first)
-            text.append(stop.push(first.text))
-            while not stop.hit:  # at a stop string, closing the stream below cancels the rest
-                chunk = await anext(chunks, None)
-                if chunk is None:
-                    break
-                usage.add(chunk)
-                text.append(stop.push(chunk.text))
+            text.extend([piece async for piece in _answer_pieces(first, chunks, usage, stop)])
 
         try:
             if not await _unless_client_leaves(collect(), request):
@@ -463,7 +476,6 @@ def create_app(config: FrontendConfig) -> FastAPI:
                 metrics.cancelled.inc()
                 LOGGER.info("client of %s went away before the whole answer; its Triton stream is cancelled", header["id"])
                 return Response(status_code=499)
-            text.append(stop.flush())
         except TritonError as err:
             raise _from_triton(err, parsed) from None
         finally:
@@ -508,19 +520,8 @@ def create_app(config: FrontendConfig) -> FastAPI:
         stop = StopText(sampling.stop_words)
         try:
             yield event({"role": "assistant", "content": ""})
-            if first is not None:
-                usage.add(first)
-                if text := stop.push(first.text):
-                    yield event({"content": text})
-                while not stop.hit:  # at a stop string, closing the stream below cancels the rest
-                    chunk = await anext(chunks, None)
-                    if chunk is None:
-                        break
-                    usage.add(chunk)
-                    if text := stop.push(chunk.text):
-                        yield event({"content": text})
-            if text := stop.flush():
-                yield event({"content": text})
+            async for piece in _answer_pieces(first, chunks, usage, stop):
+                yield event({"content": piece})
             ended = True
             usage.record()
             yield event({}, "stop" if stop.hit else usage.finish_reason(sampling.max_tokens))
