@@ -35,10 +35,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bench.stats import flat_figures, fmt
-from bench.utilization import summarize_gpus
+from bench.vllm_report import bench_levels
 
 LOGGER = logging.getLogger(__name__)
 GIB = float(1 << 30)
@@ -144,19 +142,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def _bench_levels(folder: Path, pattern: str) -> tuple[dict[int, dict[str, Any]], dict[str, Any] | None]:
-    """``{concurrency: level}`` over the bench reports matching ``pattern`` (later files win), and one report."""
-    levels: dict[int, dict[str, Any]] = {}
-    meta = None
-    for path in sorted(folder.glob(pattern)):
-        data = json.loads(path.read_text())
-        meta = meta or data
-        for config in data["configs"]:
-            for level in config["levels"]:
-                levels[int(level["concurrency"])] = level
-    return levels, meta
-
-
 def _gpu_table(bandwidth: dict[str, Any]) -> list[dict[str, Any]]:
     """The host's GPUs with their copy bandwidth (a one-GPU ``bandwidth.json`` without ``gpus`` too)."""
     if bandwidth.get("gpus"):
@@ -257,7 +242,7 @@ def build(folder: Path) -> dict[str, Any]:
         levels: dict[int, dict[str, Any]] = {}
         report = None
         for pattern in (f"served-tp{tp}-c1/**/report.json", f"served-tp{tp}/**/report.json"):
-            found, data = _bench_levels(folder, pattern)
+            found, data = bench_levels(folder, pattern)
             levels.update(found)
             report = report or data
         meta = meta or report

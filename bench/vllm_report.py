@@ -29,21 +29,22 @@ from bench.stats import flat_figures, fmt
 TARGETS = {"tok_s_ratio": 0.9, "p99_ratio": 1.2, "itl_floor_ratio": 1.5, "mbu_pct": 55.0}
 
 
-def _levels(report: Path) -> dict[int, dict[str, Any]]:
-    """``{concurrency: level}`` of every config in a bench ``report.json`` (later files win)."""
-    data = json.loads(report.read_text())
-    out = {}
-    for config in data["configs"]:
-        for level in config["levels"]:
-            out[level["concurrency"]] = level
-    return out
+def bench_levels(folder: Path, pattern: str) -> tuple[dict[int, dict[str, Any]], dict[str, Any] | None]:
+    """``{concurrency: level}`` over the bench ``report.json`` files matching ``pattern`` in
+    ``folder`` (later files win), and the first of those reports (hardware, versions), or None."""
+    levels: dict[int, dict[str, Any]] = {}
+    meta = None
+    for path in sorted(folder.glob(pattern)):
+        data = json.loads(path.read_text())
+        meta = meta or data
+        for config in data["configs"]:
+            for level in config["levels"]:
+                levels[int(level["concurrency"])] = level
+    return levels, meta
 
 
 def _served(folder: Path, name: str) -> dict[int, dict[str, Any]]:
-    levels: dict[int, dict[str, Any]] = {}
-    for report in sorted(folder.glob(f"{name}*/**/report.json")):
-        levels.update(_levels(report))
-    return levels
+    return bench_levels(folder, f"{name}*/**/report.json")[0]
 
 
 def _row(level: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -63,7 +64,8 @@ def build(folder: Path, floor_ms: float | None) -> dict[str, Any]:
     """Join the run's files into one comparison (see the module docstring)."""
     anchor = json.loads((folder / "inprocess.json").read_text())
     inproc = {lv["concurrency"]: flat_figures(lv) for lv in anchor["levels"]}
-    served = {c: _row(lv) for c, lv in _served(folder, "served").items()}
+    served_levels, meta = bench_levels(folder, "served*/**/report.json")
+    served = {c: _row(lv) for c, lv in served_levels.items()}
     variants = {
         path.name.removeprefix("unpaced-"): {c: _row(lv) for c, lv in _served(folder, path.name).items()}
         for path in sorted(folder.glob("unpaced-rate*"))
@@ -82,8 +84,7 @@ def build(folder: Path, floor_ms: float | None) -> dict[str, Any]:
             if u is not None:
                 row["variants"][name] = {**u, "tok_s_ratio": u["tok_s"] / a["tok_s"], "p99_ratio": u["p99_s"] / a["p99_s"]}
         rows.append(row)
-    served_report = next(iter(sorted(folder.glob("served*/**/report.json"))), None)
-    meta = json.loads(served_report.read_text()) if served_report else {}
+    meta = meta or {}
     return {
         "hardware": meta.get("hardware"),
         "versions": {**meta.get("versions", {}), "vllm": anchor.get("vllm")},
