@@ -4,11 +4,9 @@ Two commands, both used by ``tools/tp_measure.sh`` (the served steps run ``pytho
 whose levels hold NVML utilization and memory per GPU: ``utilization.gpus``, see
 :mod:`bench.utilization`):
 
-- ``python -m bench.tp_report placement REPO [--pin-gpu 0] [--out FILE]`` says where
-  every model of a rendered repository runs; with ``--pin-gpu`` it first pins the
-  KIND_GPU instance groups that name no GPU (DALI preprocessing, encoders) to that GPU
-  in the rendered copy. Triton gives an unpinned KIND_GPU group one set of instances
-  per visible GPU, so on two GPUs they would also sit beside vLLM's second rank.
+- ``python -m bench.tp_report placement REPO [--out FILE]`` says where every model of
+  a rendered repository runs (the render pins the DALI and encoder instances to GPU 0,
+  away from vLLM's other ranks).
 - ``python -m bench.tp_report report FOLDER`` joins what the script leaves in its
   folder into ``tp-report.json``, ``tp-report.md`` and ``tp-report.png``:
 
@@ -30,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,41 +54,14 @@ def _kind_name(kind: int) -> str:
     return mc.ModelInstanceGroup.Kind.Name(kind)
 
 
-_KIND_GPU_LINE = re.compile(r"^([ \t]*)kind: KIND_GPU[ \t]*$", re.MULTILINE)
-
-
-def _pin(path: Path, config: Any, gpu: int) -> Any:
-    """Add ``gpus: [ gpu ]`` under every ``kind: KIND_GPU`` line of a rendered config; the parsed result.
-
-    The text is edited (comments and layout stay as rendered) and parsed again, which must
-    show every KIND_GPU group on ``gpu`` alone.
-
-    Raises:
-        ValueError: A KIND_GPU group already names GPUs, or the edit did not give the expected config.
-    """
-    from mmtriton.triton_config import parse_model_config
-
-    if any(list(g.gpus) for g in config.instance_group if _kind_name(g.kind) == "KIND_GPU"):
-        raise ValueError(f"{path}: some KIND_GPU groups name GPUs and some do not; pin them in the template")
-    text = _KIND_GPU_LINE.sub(lambda m: f"{m.group(0)}\n{m.group(1)}gpus: [ {gpu} ]", path.read_text())
-    pinned = parse_model_config(text, str(path))
-    groups = [g for g in pinned.instance_group if _kind_name(g.kind) == "KIND_GPU"]
-    if not groups or any(list(g.gpus) != [gpu] for g in groups):
-        raise ValueError(f"{path}: pinning KIND_GPU instances to GPU {gpu} did not take")
-    path.write_text(text)
-    return pinned
-
-
-def placement(repo: Path, pin_gpu: int | None = None) -> dict[str, Any]:
-    """Where each model of a rendered repository runs; optionally pin unpinned KIND_GPU groups first.
+def placement(repo: Path) -> dict[str, Any]:
+    """Where each model of a rendered repository runs.
 
     Args:
         repo: A rendered model repository.
-        pin_gpu: When given, every KIND_GPU instance group naming no GPU gets ``gpus: [pin_gpu]``
-            in the rendered copy (rewritten from the parsed config, then parsed again).
 
     Returns:
-        ``{"repo", "pinned": [models changed], "tensor_parallel_size", "models": {name:
+        ``{"repo", "tensor_parallel_size", "models": {name:
         {"groups": [{"kind", "count", "gpus"}], "device"}}}``; ``gpus`` is None for a
         group Triton places on every visible GPU; ``device`` is the encoder's ``device``
         parameter or the DALI pipeline's ``device_id`` (what the model's code runs on).
@@ -99,17 +69,12 @@ def placement(repo: Path, pin_gpu: int | None = None) -> dict[str, Any]:
     from mmtriton.triton_config import parse_model_config
 
     models: dict[str, Any] = {}
-    pinned: list[str] = []
     tp = None
     for path in sorted(repo.glob("*/config.pbtxt")):
         name = path.parent.name
         config = parse_model_config(path.read_text(), str(path))
         if config.platform == "ensemble":
             continue
-        gpu_groups = [g for g in config.instance_group if _kind_name(g.kind) == "KIND_GPU"]
-        if pin_gpu is not None and any(not list(g.gpus) for g in gpu_groups):
-            config = _pin(path, config, pin_gpu)
-            pinned.append(name)
         params = {k: v.string_value for k, v in config.parameters.items()}
         device: Any = params.get("device")
         pre = path.parent / "1" / "preprocess.json"
@@ -125,9 +90,7 @@ def placement(repo: Path, pin_gpu: int | None = None) -> dict[str, Any]:
             ],
             "device": device,
         }
-    if pinned:
-        LOGGER.info("pinned KIND_GPU instances of %s to GPU %s", ", ".join(pinned), pin_gpu)
-    return {"repo": str(repo), "pinned": pinned, "tensor_parallel_size": tp, "models": models}
+    return {"repo": str(repo), "tensor_parallel_size": tp, "models": models}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -329,9 +292,8 @@ def _where(group: dict[str, Any]) -> str:
 def _placement_lines(report: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for tp, place in sorted(report["placement"].items()):
-        lines += [f"Where the models run (TP={tp}, `{place['repo']}`"
-                  + (f"; pinned to GPU 0 by the script: {', '.join(place['pinned'])}" if place["pinned"] else "")
-                  + "):", "", "| model | instances | device |", "|---|---|---|"]
+        lines += [f"Where the models run (TP={tp}, `{place['repo']}`):", "", "| model | instances | device |",
+                  "|---|---|---|"]
         for name, model in sorted(place["models"].items()):
             groups = "; ".join(f"{g['count']} x {g['kind']}{_where(g)}" for g in model["groups"])
             lines.append(f"| {name} | {groups} | {model['device'] or ''} |")
@@ -504,14 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     place = sub.add_parser("placement", help="where each model of a rendered repository runs")
     place.add_argument("repo", type=Path)
-    place.add_argument("--pin-gpu", type=int, help="pin unpinned KIND_GPU instance groups to this GPU first")
     place.add_argument("--out", type=Path)
     rep = sub.add_parser("report", help="join a tools/tp_measure.sh folder into tp-report.{json,md,png}")
     rep.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.command == "placement":
-        result = placement(args.repo, args.pin_gpu)
+        result = placement(args.repo)
         text = json.dumps(result, indent=1) + "\n"
         if args.out:
             args.out.write_text(text)

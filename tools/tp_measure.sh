@@ -20,9 +20,8 @@
 # Workload everywhere: 512 +-32 prompt tokens, 256 output tokens (ignore_eos), greedy, a quarter of the
 # requests with an image, a quarter with a 10 s clip; C1_REQUESTS at c=1, REQUESTS at c=16/32/64.
 # A TP=N step sees the first N GPUs of CUDA_VISIBLE_DEVICES (all GPUs when unset), so TP=1 is the
-# one-GPU measurement again. Preprocessing (DALI) and the encoders run on GPU 0: the script pins their
-# KIND_GPU instance groups of the rendered copy to GPU 0 (the gpu-vllm render leaves them on every
-# visible GPU) and writes where every model runs to placement-tp<N>.json. The served benchmark runs
+# one-GPU measurement again. Preprocessing (DALI) and the encoders run on GPU 0 (the gpu-vllm render
+# pins their instances there); where every model runs goes to placement-tp<N>.json. The served benchmark runs
 # through `python -m bench`, which samples NVML utilization and memory per GPU (Triton's
 # nv_gpu_utilization / nv_gpu_memory_used_bytes, one series per gpu_uuid).
 #
@@ -69,10 +68,10 @@ enough_gpus() {  # enough_gpus N STEP: 0 when N GPUs are visible, else log, writ
   return 1
 }
 
-render() {  # render TP: the gpu-vllm repository with tensor_parallel_size TP, encoders pinned to GPU 0
+render() {  # render TP: the gpu-vllm repository with tensor_parallel_size TP (encoders on GPU 0)
   "$PY" -m build_engines render --bundle "$BUNDLE" --profile gpu-vllm --out "$WORK/repo-vllm-tp$1" \
     --set "serving.tensor_parallel_size=$1" >/dev/null
-  "$PY" -m bench.tp_report placement "$WORK/repo-vllm-tp$1" --pin-gpu 0 --out "$OUT/placement-tp$1.json" >&2
+  "$PY" -m bench.tp_report placement "$WORK/repo-vllm-tp$1" --out "$OUT/placement-tp$1.json" >&2
 }
 
 trap serve_stop EXIT
