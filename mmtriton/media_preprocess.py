@@ -69,7 +69,7 @@ class _Preprocessor:
             try:
                 infos[i] = self._check(payload)
             except InputError as err:
-                results[i] = err
+                results[i] = err.detached()
         good = sorted(infos)
         samples = [np.ascontiguousarray(payloads[i], dtype=np.uint8).reshape(-1) for i in good]
         for i, out in zip(good, self.runner.run(samples)):
@@ -82,7 +82,7 @@ class _Preprocessor:
                 try:
                     results[i] = self._after(out, infos[i])
                 except InputError as err:
-                    results[i] = err
+                    results[i] = err.detached()
         return [r for r in results if r is not None]
 
 
@@ -103,7 +103,13 @@ class ImagePreprocessor(_Preprocessor):
         return {"decoder_device": config["decoder_device"]}
 
     def _make_check(self, config: dict[str, Any]) -> Callable[[np.ndarray], Any]:
-        return partial(check_image, max_bytes=config["max_bytes"], max_pixels=config["max_pixels"], name="image")
+        return partial(
+            check_image,
+            max_bytes=config["max_bytes"],
+            max_pixels=config["max_pixels"],
+            resize_shorter=config["image_size"],
+            name="image",
+        )
 
     def _sniff(self, payload: np.ndarray) -> str | None:
         return sniff_image(np.asarray(payload, dtype=np.uint8).tobytes()[:16])

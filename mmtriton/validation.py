@@ -39,6 +39,20 @@ class InputError(ValueError):
         super().__init__(f"input '{input_name}': {message}")
         self.input_name = input_name
 
+    def detached(self) -> InputError:
+        """This error without its traceback and chained exceptions, for keeping after the ``except``.
+
+        A caught exception's traceback holds the frames it passed through, and with them
+        every local of those frames: the payload being checked, and the list the error is
+        then stored in. Kept as it is, the error and that list form a reference cycle that
+        keeps a refused request's payload (and its Triton input buffers) alive until the
+        cyclic garbage collector happens to run, which large byte arrays never trigger.
+        """
+        self.__traceback__ = None
+        self.__context__ = None
+        self.__cause__ = None
+        return self
+
 
 @dataclass(frozen=True)
 class ImageInfo:
@@ -129,13 +143,32 @@ def _check_size(name: str, data: bytes, max_bytes: int, kinds: str) -> None:
         raise InputError(name, f"payload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
 
 
-def check_image(payload: np.ndarray | bytes, *, max_bytes: int, max_pixels: int, name: str = "image") -> ImageInfo:
+def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """Width and height after the preprocessing resize that brings the shorter side to ``shorter``.
+
+    DALI's ``resize_shorter`` keeps the aspect ratio exactly; its output extent is the
+    scaled longer side rounded to the nearest pixel (at least one).
+    """
+    scale = shorter / min(width, height)
+    if width <= height:
+        return shorter, max(1, round(height * scale))
+    return max(1, round(width * scale)), shorter
+
+
+def check_image(
+    payload: np.ndarray | bytes, *, max_bytes: int, max_pixels: int, resize_shorter: int | None = None, name: str = "image"
+) -> ImageInfo:
     """Check an encoded image before decoding it.
 
     Args:
         payload: Encoded bytes.
         max_bytes: Largest accepted payload.
-        max_pixels: Largest accepted width x height.
+        max_pixels: Largest accepted width x height, of the decoded image and (with
+            ``resize_shorter``) of the image the preprocessing resize would make.
+        resize_shorter: The shorter side the preprocessing resizes to, when it does: a
+            strip of 100000x1 pixels is small to decode but 100000x more pixels once its
+            shorter side is brought to that size, so its memory is bounded here, before
+            decoding.
         name: Request input name, used in error messages.
 
     Returns:
@@ -143,7 +176,8 @@ def check_image(payload: np.ndarray | bytes, *, max_bytes: int, max_pixels: int,
 
     Raises:
         InputError: Empty, too large, not JPEG/PNG/WebP, unreadable header,
-            more pixels than ``max_pixels``, or a visibly truncated file.
+            more pixels than ``max_pixels`` (decoded or resized), or a visibly
+            truncated file.
     """
     from PIL import Image  # header parsing only; pixels are decoded by DALI
 
@@ -173,6 +207,17 @@ def check_image(payload: np.ndarray | bytes, *, max_bytes: int, max_pixels: int,
         raise InputError(
             name, f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} pixels"
         )
+    if width <= 0 or height <= 0:
+        raise InputError(name, f"corrupt {fmt} header: it says {width}x{height} pixels")
+    if resize_shorter is not None:
+        rw, rh = resized_size(width, height, resize_shorter)
+        if rw * rh > max_pixels:
+            raise InputError(
+                name,
+                f"image of {width}x{height} has too extreme an aspect ratio ({max(width, height) / min(width, height):.0f}:1): "
+                f"resizing its shorter side to {resize_shorter} px would make {rw}x{rh} = {rw * rh} pixels, "
+                f"over the limit of {max_pixels} pixels",
+            )
     return ImageInfo(fmt, width, height)
 
 

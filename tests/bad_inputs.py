@@ -22,6 +22,17 @@ def _huge_png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
+def strip_png(width: int, height: int) -> bytes:
+    """A real, decodable gray PNG of ``width`` x ``height`` pixels (a few hundred bytes for a strip)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
 def corrupt_png_data(png: bytes) -> bytes:
     """A PNG whose compressed pixel data is zeroed in the middle; chunks and IEND intact."""
     data = bytearray(png)
@@ -59,6 +70,14 @@ def bad_images(spec: ModelSpec) -> dict[str, tuple[bytes, str]]:
             "input 'image': corrupt JPEG header: the image decoder cannot parse it",
         ),
         "too_many_pixels": (_huge_png_header(6000, 5000), f"exceeds the limit of {v.max_pixels} pixels"),
+        # A real, decodable 100000x1 PNG of a few hundred bytes, under the pixel limit: its resize
+        # (shorter side to image_size) would need image_size**2 * 100000 pixels.
+        "extreme_aspect_ratio": (
+            strip_png(100_000, 1),
+            f"input 'image': image of 100000x1 has too extreme an aspect ratio (100000:1): resizing its shorter "
+            f"side to {v.image_size} px would make {100_000 * v.image_size}x{v.image_size}",
+        ),
+        "extreme_aspect_ratio_tall": (strip_png(1, 2_000_000), "input 'image': image of 1x2000000 has too extreme an aspect ratio"),
         "too_many_bytes": (jpeg + bytes(v.max_bytes), f"exceeds the limit of {v.max_bytes} bytes"),
     }
 

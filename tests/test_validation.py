@@ -125,3 +125,53 @@ def test_library_reason_drops_object_reprs() -> None:
     assert library_reason(raw) == "Error in WAV file. No 'data' chunk marker."
     assert library_reason(OSError("cannot identify image file <_io.BytesIO object at 0x7f0000000000>")) == ""
     assert library_reason(RuntimeError("Error : flac decoder lost sync.")) == "flac decoder lost sync."
+
+
+def test_the_resize_bound_lets_long_strips_within_it_through(image_pre: ImagePreprocessor, spec: ModelSpec) -> None:
+    """The aspect-ratio refusal is the resize's pixel count, not a fixed ratio: a strip whose resized
+    image fits the limit decodes (and equals PIL's own crop of it), one just over it is refused."""
+    from mmtriton.validation import resized_size
+    from tests.bad_inputs import strip_png
+
+    size, limit = spec.vision.image_size, spec.vision.max_pixels
+    longest_ok = limit // (size * size)  # resized pixels = size * round(long * size / short)
+    ok, over = strip_png(longest_ok, 1), strip_png(longest_ok + 2, 1)
+    (result,) = image_pre([_u8(ok)])
+    assert not isinstance(result, Exception), result
+    assert result[0].shape == (3, size, size)
+    rw, rh = resized_size(longest_ok + 2, 1, size)
+    assert rw * rh > limit >= size * size * longest_ok
+    (refused,) = image_pre([_u8(over)])
+    assert isinstance(refused, InputError)
+    assert f"over the limit of {limit} pixels" in str(refused)
+
+
+@pytest.mark.parametrize("case", ["truncated_wav_refused_by_check", "truncated_flac_refused_by_dali", "corrupt_png_data_refused_by_dali"])
+def test_a_refused_payload_is_freed_without_the_garbage_collector(
+    image_pre: ImagePreprocessor, audio_pre: AudioPreprocessor, spec: ModelSpec, case: str
+) -> None:
+    """Nothing of a refused request outlives it: with the cyclic collector off, the payload array is
+    freed as soon as the caller drops it and the error (a stored exception's traceback kept every
+    frame's locals, the payload among them, in a cycle with the results list)."""
+    import gc
+    import weakref
+
+    class Payload(np.ndarray):
+        """A subclass only so that the array can be weakly referenced."""
+
+    name = case.split("_refused")[0]
+    payload = (bad_audio(spec) | bad_images(spec))[name][0]
+    pre = image_pre if name.startswith("corrupt_png") else audio_pre
+    good = encode_image(synthetic_image(48, 40), "PNG") if pre is image_pre else encode_audio(synthetic_audio(16000, 0.3), 16000)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        arrays = [np.frombuffer(payload, dtype=np.uint8).copy().view(Payload), _u8(good).copy().view(Payload)]
+        refs = [weakref.ref(a) for a in arrays]
+        results = pre(arrays)
+        assert isinstance(results[0], InputError) and not isinstance(results[1], Exception)
+        del arrays, results
+        assert [r() is None for r in refs] == [True, True]
+    finally:
+        if was_enabled:
+            gc.enable()

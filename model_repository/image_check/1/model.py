@@ -17,7 +17,12 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         exit_with_parent()
         params = model_parameters(args)
-        self.limits = {"max_bytes": int(params["max_bytes"]), "max_pixels": int(params["max_pixels"])}
+        self.limits = {
+            "max_bytes": int(params["max_bytes"]),
+            "max_pixels": int(params["max_pixels"]),
+            # image_preprocess (DALI) resizes the shorter side to this: bounds the resized image too.
+            "resize_shorter": int(params["resize_shorter"]),
+        }
 
     def execute(self, requests: list) -> list:
         responses = []
