@@ -523,6 +523,35 @@ class TritonServer:
         """Live pids in the server's session (the server, its stubs); empty after a clean stop."""
         return [] if self._last_pid is None else session_processes(self._last_pid)
 
+    def models_left_live(self) -> list[str]:
+        """Models the last run loaded and did not unload, read from its log (empty after a clean stop).
+
+        Triton logs ``successfully loaded 'm'`` and ``successfully unloaded 'm'``; a model
+        still live when the exit timeout expires is never unloaded, and Triton then logs
+        ``failed to stop server`` and exits 1.
+        """
+        if not self.log_path.exists():
+            return []
+        log = self.log_path.read_text(errors="replace")
+        loaded = re.findall(r"successfully loaded '([^']+)'", log)
+        unloaded = set(re.findall(r"successfully unloaded '([^']+)'", log))
+        return sorted(set(loaded) - unloaded)
+
+    def stop_failure(self) -> str | None:
+        """Why the last stop was not clean, in words, or None when every model unloaded in time."""
+        if not self.log_path.exists():
+            return None
+        failed = "failed to stop server" in self.log_path.read_text(errors="replace")
+        live = self.models_left_live()
+        if not failed and not live:
+            return None
+        return (
+            f"tritonserver did not stop cleanly: model(s) {', '.join(live) or '(unknown)'} were still live when "
+            f"the exit timeout of {self.exit_timeout_s} s expired. Triton 2.51 keeps a model live while a "
+            "client's gRPC stream that used it stays open, and closes gRPC connections only after every model "
+            "has unloaded: clients should end their streams after their requests (tritonclient: stop_stream())"
+        )
+
     def stop(self) -> int | None:
         """Stop the server by its own pid: SIGTERM, then SIGKILL after the exit timeout.
 
@@ -648,7 +677,11 @@ def serve_until_stopped(server: TritonServer, what: str, poll_s: float = 0.5, ta
                 return 1
             time.sleep(poll_s)
     finally:
-        server.stop()
+        code = server.stop()
+    failure = server.stop_failure()
+    if failure or code not in (0, None):
+        LOGGER.error("%s (exit code %s)", failure or f"{what} exited with code {code} when stopped", code)
+        return 1
     return 0
 
 
