@@ -57,10 +57,11 @@ budget are chunked.
 
 Limitations (transformers 5.24 CB):
 
-* ``seed`` is not honoured per request: sampling draws from the process-wide torch
+* ``seed`` cannot be honoured per request: sampling draws from the process-wide torch
   generator, which transformers re-seeds (``torch.manual_seed``) when the generation
-  loop starts. Sampled outputs are therefore not reproducible per request; greedy
-  outputs are exact.
+  loop starts. A sampled request that gives a seed is therefore refused (an
+  ``input 'seed'`` error) rather than answered without it; a greedy one is exact and
+  its seed is moot.
 * Greedy via ``top_k=1`` keeps *all* tokens tied for the maximum logit, so on an exact
   tie the choice is random where ``argmax`` would take the lowest id.
 * ``pad_id`` is accepted for contract compatibility and ignored (no padding exists in
@@ -405,7 +406,6 @@ class Engine:
         self._accepting = False
         self._step_hist: Counter[int] = Counter()
         self._max_seen = 0
-        self._seed_warned = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -513,9 +513,6 @@ class Engine:
         request = dataclasses.replace(request)  # keep the caller's object untouched
         fake_ids, table_rows = self._validate(request)
         eos_ids = self._eos_ids(request.end_id)
-        if request.seed is not None and not request.is_greedy() and not self._seed_warned:
-            self._seed_warned = True
-            logger.warning("per-request seeds are not supported by transformers continuous batching; ignoring them")
         record = _Record(
             request_id="",
             request=request,
@@ -690,6 +687,11 @@ class Engine:
             raise ValueError(f"temperature {request.temperature} must be a finite value >= 0")
         if request.top_p > 1 or not np.isfinite(request.top_p):
             raise ValueError(f"top_p {request.top_p} must be <= 1")
+        if request.seed is not None and not request.is_greedy():
+            raise ValueError(
+                "input 'seed': per-request seeds are not supported by this engine (transformers continuous "
+                "batching, the cpu and gpu-hf profiles): leave seed out, or sample greedily (temperature 0)"
+            )
         stop_words = []
         for word in request.stop_words or []:
             word = [int(t) for t in word]

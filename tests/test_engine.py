@@ -352,7 +352,7 @@ def test_sampling_mixed_with_greedy(engine: Engine, ref_model: PreTrainedModel, 
         GenerationRequest(input_ids=prompt, max_new_tokens=n, end_id=-1, temperature=2.0, top_k=1),  # greedy
         GenerationRequest(input_ids=prompt, max_new_tokens=n, end_id=-1, temperature=0.0, top_k=40),  # greedy
         GenerationRequest(input_ids=prompt, max_new_tokens=n, end_id=-1, temperature=5.0),  # unset k/p: greedy
-        GenerationRequest(input_ids=prompt, max_new_tokens=n, end_id=-1, temperature=3.0, top_p=1.0, seed=7),
+        GenerationRequest(input_ids=prompt, max_new_tokens=n, end_id=-1, temperature=3.0, top_p=1.0),
     ]
     ids = [engine.submit(r) for r in requests]
     with ThreadPoolExecutor(max_workers=len(ids)) as pool:
@@ -361,6 +361,16 @@ def test_sampling_mixed_with_greedy(engine: Engine, ref_model: PreTrainedModel, 
     for sampled in (outs[0], outs[4]):
         assert len(sampled) == n and all(0 <= t < vocab for t in sampled)
     assert outs[4] != ref  # temperature 3 over the full vocabulary: 30 argmax picks in a row is implausible
+
+
+def test_a_seed_is_refused_where_it_cannot_be_honoured(engine: Engine, ref_model: PreTrainedModel) -> None:
+    """transformers CB samples from one process-wide generator: a sampled request with a seed is
+    refused with an error naming the input; a greedy one keeps its exact answer (the seed is moot)."""
+    prompt = [0, 33, 120, 7, 400]
+    with pytest.raises(ValueError, match=r"^input 'seed': per-request seeds are not supported by this engine"):
+        engine.submit(GenerationRequest(input_ids=prompt, max_new_tokens=4, end_id=-1, temperature=0.8, top_p=0.9, seed=7))
+    rid = engine.submit(GenerationRequest(input_ids=prompt, max_new_tokens=6, end_id=-1, temperature=0.0, seed=7))
+    assert collect(engine, rid)[0] == greedy_reference(ref_model, prompt, 6)
 
 
 def test_submit_requires_running_engine(bundle: Path) -> None:
