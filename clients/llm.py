@@ -59,12 +59,6 @@ from clients.errors import (
 _INPUT_ERROR_MESSAGE = re.compile(r"(?:^|[\s:\]])input '[^']+': ")
 
 
-#: Stream headers asking Triton (24.08+, so 2.51) to end a gRPC stream that hits an error with that
-#: error's gRPC status code (INVALID_ARGUMENT for bad input, INTERNAL for a failed generation)
-#: instead of a message-only response inside the stream. Every stream here carries one request.
-GRPC_STATUS_HEADERS = {"triton_grpc_error": "true"}
-
-
 def stream_error(error: Exception | str) -> ClientError:
     """Type an error that arrived inside a stream, where there is no status code.
 
@@ -313,7 +307,7 @@ class ChatClient:
         done: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         try:
-            client.start_stream(callback=lambda result, error: done.put(error), headers=GRPC_STATUS_HEADERS)
+            client.start_stream(callback=lambda result, error: done.put(error))
             client.async_stream_infer(LLM_MODEL, inputs, request_id=request_id, enable_empty_final_response=True)
             error = done.get(timeout=self.timeout_s)
             if error is not None:
@@ -335,7 +329,7 @@ class ChatClient:
         client = grpcclient.InferenceServerClient(self.url)
         finished = False
         try:
-            client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=GRPC_STATUS_HEADERS)
+            client.start_stream(callback=lambda result, error: responses.put((result, error)))
             client.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
             while True:
                 try:

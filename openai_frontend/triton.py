@@ -23,7 +23,7 @@ from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
 
 from clients.errors import InvalidInputError
-from clients.llm import GRPC_STATUS_HEADERS, Chunk, grpc_chunk, stream_error
+from clients.llm import Chunk, grpc_chunk, stream_error
 from openai_frontend.errors import APIError
 
 LOGGER = logging.getLogger(__name__)
@@ -148,8 +148,7 @@ class TritonChat:
             await done.wait()  # keep the stream open until the final response
 
         entry = self._take()
-        # Errors end the stream with their gRPC status (INVALID_ARGUMENT: bad input), not as a message.
-        call: Any = entry.stub.ModelStreamInfer(requests(), metadata=tuple(GRPC_STATUS_HEADERS.items()))
+        call: Any = entry.stub.ModelStreamInfer(requests())
         finished = False
         try:
             async for response in call:
@@ -172,11 +171,6 @@ class TritonChat:
             raise APIError(502, "Triton closed the stream before the final response", code="upstream_error")
         except grpc.aio.AioRpcError as err:
             finished = True
-            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                typed = _typed(err.details() or "")
-                raise TritonError(typed.message, True, typed.input_name) from None
-            if err.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-                raise TritonError(err.details() or err.code().name, False) from None
             if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise APIError(503, f"Triton at {self.url} is unavailable: {err.details()}", code="upstream_unavailable") from None
             raise APIError(502, f"Triton stream failed: {err.code().name}: {err.details()}", code="upstream_error") from None

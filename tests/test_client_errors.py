@@ -1,4 +1,4 @@
-"""The chat client types errors that arrive inside a gRPC stream (by the status code Triton sends when asked, else by their text)."""
+"""The chat client types errors that arrive inside a gRPC stream, where Triton sends no status code."""
 
 from __future__ import annotations
 
@@ -67,34 +67,3 @@ def test_stream_messages_without_status_are_typed_by_their_text() -> None:
     down = stream_error(InferenceServerException(msg="failed to connect", status="StatusCode.UNAVAILABLE"))
     assert type(down) is ServerUnavailableError
     assert type(stream_error("input 'audio': empty payload (0 bytes)")) is InvalidInputError
-
-
-def test_grpc_stream_errors_carry_a_status_code(grpc_url: str, spec: ModelSpec) -> None:
-    """With Triton's ``triton_grpc_error`` stream header (what this project's clients send) a refused
-    request ends its stream with gRPC status INVALID_ARGUMENT, which a plain ``tritonclient`` user can
-    branch on; without the header the same error is a message with no status."""
-    import queue
-
-    import tritonclient.grpc as grpcclient
-
-    from clients.llm import GRPC_STATUS_HEADERS, grpc_inputs, request_values
-
-    payload, expected = bad_audio(spec)["truncated_wav"]
-    statuses = {}
-    for name, headers in (("with header", GRPC_STATUS_HEADERS), ("without", None)):
-        client = grpcclient.InferenceServerClient(grpc_url)
-        responses: queue.Queue = queue.Queue()
-        try:
-            client.start_stream(callback=lambda result, error: responses.put(error), headers=headers)
-            values = request_values("Listen", None, payload, Sampling(max_tokens=4), stream=True)
-            client.async_stream_infer("chat_audio", grpc_inputs(values), request_id=f"status-{name}")
-            error = responses.get(timeout=60)
-        finally:
-            client.stop_stream()
-            client.close()
-        assert isinstance(error, InferenceServerException) and expected in error.message(), (name, error)
-        statuses[name] = error.status()
-    assert statuses == {"with header": "StatusCode.INVALID_ARGUMENT", "without": None}
-    # The client library's own stream types it by that status.
-    with pytest.raises(InvalidInputError, match=expected):
-        list(ChatClient(grpc_url, timeout_s=60).stream("Listen", audio=payload, sampling=Sampling(max_tokens=4)))
