@@ -119,6 +119,8 @@ def parse_conversation(raw: str | bytes, image_token: str, audio_token: str) -> 
         payload = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError("messages", f"not valid JSON ({err.__class__.__name__}: {err})") from None
+    except RecursionError:
+        raise InputError("messages", "JSON nested too deeply") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("messages"), list) or not payload["messages"]:
         raise InputError("messages", 'must be a JSON object {"messages": [...]} with at least one message')
     thinking = payload.get("enable_thinking")
@@ -222,6 +224,12 @@ class PromptBuilder:
         self.image_id = self.tokenizer.convert_tokens_to_ids(image_token)
         self.audio_id = self.tokenizer.convert_tokens_to_ids(audio_token)
         self.max_input_len = max_input_len
+        # No token stands for more text than its own vocabulary string spells (byte-level BPE writes
+        # each byte as one 1-2 byte character, SentencePiece writes a space as 3-byte "▁", byte
+        # fallback pieces are "<0xNN>"), so a text of B UTF-8 bytes is at least B / longest tokens.
+        self.max_token_bytes = max(len(token.encode("utf-8")) for token in self.tokenizer.get_vocab())
+        #: Longest text (UTF-8 bytes) that could still fit ``max_input_len``; longer ones are refused untokenized.
+        self.max_text_bytes = self.max_input_len * self.max_token_bytes
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> PromptBuilder:
@@ -238,6 +246,28 @@ class PromptBuilder:
             audio_token=params["audio_token"],
             max_input_len=int(params["max_input_len"]),
         )
+
+    def check_text_size(self, source: str, texts: list[str]) -> None:
+        """Refuse text that cannot fit the engine's input length, before any tokenizing.
+
+        Tokenizing megabytes takes seconds on the preprocessing model's thread, and every
+        request behind it waits, so a text over :attr:`max_text_bytes` is refused by its size.
+
+        Args:
+            source: The input the text came from (``text_input`` or ``messages``).
+            texts: The request's text pieces.
+
+        Raises:
+            InputError: Their UTF-8 size is over :attr:`max_text_bytes`.
+        """
+        size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        if size > self.max_text_bytes:
+            raise InputError(
+                source,
+                f"text of {size} bytes cannot fit the engine's max input length of {self.max_input_len} tokens "
+                f"(no token of this tokenizer is longer than {self.max_token_bytes} bytes, so at most "
+                f"{self.max_text_bytes} bytes can fit); refused before tokenizing",
+            )
 
     def _content(self, text: str, has_image: bool, has_audio: bool) -> str:
         for token, present, name in ((self.image_token, has_image, "image"), (self.audio_token, has_audio, "audio")):
@@ -274,6 +304,7 @@ class PromptBuilder:
             InputError: Placeholder/media mismatch, wrong embedding width, or a
                 prompt longer than ``max_input_len``.
         """
+        self.check_text_size("text_input", [text])
         content = self._content(text, image_embeddings is not None, audio_embeddings is not None)
         ids = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=False
@@ -301,6 +332,7 @@ class PromptBuilder:
                 and media sent that do not match, or a prompt over ``max_input_len``.
         """
         conv = parse_conversation(raw, self.image_token, self.audio_token)
+        self.check_text_size("messages", [m["content"] for m in conv.messages])
         for name, parts, sent in (("image", conv.images, image_embeddings), ("audio", conv.audios, audio_embeddings)):
             if parts > 1:
                 raise InputError("messages", f"has {parts} {name} parts; one {name} per request is supported")

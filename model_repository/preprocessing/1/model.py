@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -10,13 +12,20 @@ from mmtriton.prompting import PromptBuilder, SamplingLimits, check_sampling
 from mmtriton.stub_watchdog import exit_with_parent
 from mmtriton.validation import InputError
 
-
-def _str(value: object) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+LOGGER = logging.getLogger(__name__)
 
 
-def _text(tensor: np.ndarray) -> str:
-    return _str(tensor.reshape(-1)[0])
+def _str(value: object, name: str) -> str:
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(name, f"not valid UTF-8 text (byte {err.start}: {err.reason})") from None
+
+
+def _text(tensor: np.ndarray, name: str) -> str:
+    return _str(tensor.reshape(-1)[0], name)
 
 
 class TritonPythonModel:
@@ -44,11 +53,11 @@ class TritonPythonModel:
         )
         media = optional_input(request, "IMAGE_EMBEDDINGS"), optional_input(request, "AUDIO_EMBEDDINGS")
         if messages is not None:
-            prompt = self.builder.build_conversation(_text(messages), *media)
+            prompt = self.builder.build_conversation(_text(messages, "messages"), *media)
         else:
-            prompt = self.builder.build(_text(query), *media)
+            prompt = self.builder.build(_text(query, "text_input"), *media)
         stop = optional_input(request, "STOP_WORDS_DICT")
-        words = [] if stop is None else [_str(w) for w in stop.reshape(-1)]
+        words = [] if stop is None else [_str(w, "stop_words") for w in stop.reshape(-1)]
         outputs = {
             "INPUT_ID": prompt.input_ids[None],
             "REQUEST_INPUT_LEN": np.array([[prompt.input_ids.size]], dtype=np.int32),
@@ -72,4 +81,7 @@ class TritonPythonModel:
                 responses.append(self._one(request))
             except InputError as err:
                 responses.append(error_response(str(err)))
+            except Exception as err:  # noqa: BLE001 - one request's failure must not fail its batch
+                LOGGER.exception("preprocessing failed for one request")
+                responses.append(error_response(f"preprocessing failed: {err.__class__.__name__}: {err}", "INTERNAL"))
         return responses
