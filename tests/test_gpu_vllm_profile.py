@@ -323,3 +323,25 @@ def test_docs_name_the_vllm_commands() -> None:
         assert command in section, command
     targets = set(re.findall(r"^([a-z][a-z-]+):", (ROOT / "Makefile").read_text(), flags=re.MULTILINE))
     assert set(re.findall(r"\bmake ([a-z][a-z-]+)", section)) <= targets
+
+
+def test_triton_endpoints_are_published_on_loopback_only() -> None:
+    """Triton 2.51's own endpoints do not survive every hostile input (a deeply nested JSON body
+    crashes its HTTP endpoint): compose publishes them on the host's loopback only, while the front
+    door, the public API, listens on every interface."""
+    def bindings(service: dict) -> list[tuple[str, int]]:
+        """(host address, container port) per published port, in either of compose's spellings."""
+        out = []
+        for port in service["ports"]:
+            if isinstance(port, dict):
+                out.append((port.get("host_ip") or "0.0.0.0", int(port["target"])))
+            else:
+                parts = str(port).split(":")
+                out.append((parts[0] if len(parts) == 3 else "0.0.0.0", int(parts[-1].split("/")[0])))
+        return out
+
+    services = compose_config({})["services"]
+    for name in ("triton", "triton-vllm"):
+        published = bindings(services[name])
+        assert sorted(published) == [("127.0.0.1", 8000), ("127.0.0.1", 8001), ("127.0.0.1", 8002)], (name, published)
+    assert bindings(services["openai-vllm"]) == [("0.0.0.0", 9000)]
