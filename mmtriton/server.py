@@ -572,7 +572,10 @@ class TritonServer:
         proc = self.process
         if proc is None:
             return None
-        if proc.poll() is None:
+        # A server that died by itself (a crash) leaves its stubs' regions behind; they carry this
+        # instance's own prefix, so once its session is gone nobody else can be using them.
+        crashed = proc.poll() is not None
+        if not crashed:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=self.exit_timeout_s + 10)
@@ -591,14 +594,15 @@ class TritonServer:
                 time.sleep(0.05)
         self.process = None
         leaked = self.leftover_shm()
-        if leaked and remove_shm:
+        if leaked and (remove_shm or crashed):
             for path in leaked:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
             LOGGER.warning(
-                "removed %d shared-memory region(s) tritonserver pid %d left after a failed start: %s",
+                "removed %d shared-memory region(s) tritonserver pid %d left after %s: %s",
                 len(leaked),
                 proc.pid,
+                f"it exited by itself with code {proc.returncode}" if crashed else "a failed start",
                 " ".join(str(p) for p in leaked),
             )
         elif leaked:

@@ -8,6 +8,7 @@ loopback; the "busy" ports are held by listening sockets of this process.
 
 from __future__ import annotations
 
+import os
 import json
 import logging
 import socket
@@ -292,3 +293,24 @@ def test_stop_leaves_no_shm_and_no_processes(
         assert planted.exists() and str(planted) in caplog.text and "left 1 shared-memory region(s)" in caplog.text
     finally:
         planted.unlink(missing_ok=True)
+
+
+def test_a_crashed_server_leaves_no_shared_memory(cpu_repo: Path, tmp_path: Path) -> None:
+    """A tritonserver that dies by itself (here SIGSEGV, as Triton 2.51 does on some hostile input)
+    leaves its stubs' regions in /dev/shm; they carry the instance's own prefix, so the stop removes
+    them once the server's session is gone, and reports the crash's exit code."""
+    import signal
+
+    from tests.conftest import probe_server
+
+    srv = probe_server(cpu_repo, tmp_path)
+    srv.start()
+    try:
+        assert srv.leftover_shm(), "a running server has regions"
+        os.kill(srv.process.pid, signal.SIGSEGV)
+        srv.process.wait(timeout=30)
+    finally:
+        code = srv.stop()
+    assert code == -signal.SIGSEGV
+    assert not srv.leftover_processes()
+    assert not srv.leftover_shm()
