@@ -8,9 +8,9 @@ loopback; the "busy" ports are held by listening sockets of this process.
 
 from __future__ import annotations
 
-import os
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
