@@ -16,18 +16,29 @@ redirect) is checked before any connection is made:
 
 The body is read in chunks and the read stops as soon as it passes the byte limit
 (a ``Content-Length`` over the limit stops it before the first chunk). One deadline
-covers the whole fetch, redirects included.
+covers the whole fetch, redirects included, and it is a hard one: a server that drips
+its headers or body a byte at a time keeps every single ``recv`` within a socket
+timeout, so at the deadline a timer shuts the socket down, which ends any ``recv``
+blocked on it (:class:`_Deadline`). The body is read with ``read1`` (one ``recv`` at
+a time), the deadline checked between reads.
+
+Fetches run on a thread pool of their own with a bounded number at once
+(:class:`FetchPool`), never on the event loop's default executor that ``/health``
+uses; a fetch that cannot start before its deadline is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import ipaddress
 import logging
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 LOGGER = logging.getLogger(__name__)
@@ -44,6 +55,14 @@ class FetchError(Exception):
     """A URL that was refused or could not be fetched (the message says why)."""
 
 
+class FetchBusy(FetchError):
+    """No fetch slot became free before the fetch's deadline (the server is busy, not the URL's fault)."""
+
+
+class _DeadlinePassed(FetchError):
+    """The fetch's deadline passed (:meth:`_Deadline.remaining`)."""
+
+
 @dataclass(frozen=True)
 class FetchPolicy:
     """What the fetcher may do.
@@ -52,13 +71,15 @@ class FetchPolicy:
         enabled: Fetch http(s) URLs at all.
         allowed_hosts: Host names or IP literals (lower case) that may be fetched.
         max_redirects: Redirects followed per URL.
-        timeout_s: Deadline of one whole fetch, redirects included.
+        timeout_s: Deadline of one whole fetch, redirects included (waiting for a slot too).
+        max_concurrent: Fetches running at once (:class:`FetchPool`).
     """
 
     enabled: bool = False
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)
     max_redirects: int = 3
     timeout_s: float = 10.0
+    max_concurrent: int = 8
 
 
 @dataclass(frozen=True)
@@ -136,84 +157,209 @@ def check_url(url: str, policy: FetchPolicy) -> tuple[urllib.parse.SplitResult, 
     return parts, addresses[0], port
 
 
+class _Deadline:
+    """The hard deadline of one fetch: when it passes, the socket in use is shut down.
+
+    ``shutdown`` (unlike ``close``) wakes a ``recv`` blocked in another thread, which then
+    reads end-of-file; the fetch sees :attr:`expired` and reports the deadline. The socket
+    watched is a duplicate of the connection's descriptor (:meth:`watch`), so it stays
+    valid whatever the connection does with its own (TLS wraps and detaches it).
+    """
+
+    def __init__(self, timeout_s: float, end: float | None = None) -> None:
+        self.timeout_s = timeout_s
+        self.end = time.monotonic() + timeout_s if end is None else end
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._timer = threading.Timer(max(self.end - time.monotonic(), 0.0), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        """Seconds left; raises :class:`_DeadlinePassed` when none are."""
+        left = self.end - time.monotonic()
+        if left <= 0 or self.expired:
+            raise _DeadlinePassed(f"fetching took longer than {self.timeout_s:g} s")
+        return left
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock``'s connection down at the deadline (at once if it has passed)."""
+        dup = sock.dup()
+        with self._lock:
+            self._release()
+            self._sock = dup
+            if self.expired:
+                self._shut()
+
+    def _shut(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the peer
+
+    def _release(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            self._shut()
+
+    def cancel(self) -> None:
+        """Stop the timer and let go of the watched socket."""
+        self._timer.cancel()
+        with self._lock:
+            self._release()
+
+
 class _PinnedHTTPConnection(http.client.HTTPConnection):
     """An HTTP connection to a checked address, whatever the ``Host`` header says."""
 
-    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
+    def __init__(self, host: str, address: str, port: int, deadline: _Deadline) -> None:
+        super().__init__(host, port, timeout=deadline.remaining())
         self._address = address
+        self._deadline = deadline
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = socket.create_connection((self._address, self.port), self._deadline.remaining())
+        self._deadline.watch(self.sock)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     """An HTTPS connection to a checked address; the certificate is checked against the URL's host."""
 
-    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+    def __init__(self, host: str, address: str, port: int, deadline: _Deadline) -> None:
+        super().__init__(host, port, timeout=deadline.remaining(), context=ssl.create_default_context())
         self._address = address
+        self._deadline = deadline
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
+        sock = socket.create_connection((self._address, self.port), self._deadline.remaining())
+        self._deadline.watch(sock)  # the TLS handshake is under the deadline too
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-def fetch_url(url: str, max_bytes: int, policy: FetchPolicy) -> Fetched:
+def fetch_url(url: str, max_bytes: int, policy: FetchPolicy, end: float | None = None) -> Fetched:
     """Fetch ``url`` under ``policy``, reading at most ``max_bytes`` of body (blocking; run it in a thread).
 
     Args:
         url: An http(s) URL.
         max_bytes: The media item's byte limit; the read stops once the body passes it.
         policy: The operator's policy.
+        end: The deadline as a ``time.monotonic()`` value (default: ``policy.timeout_s`` from now).
 
     Returns:
         The body and its content type.
 
     Raises:
         FetchError: Refused (see :func:`check_url`), too many redirects, an HTTP error
-            status, a body over ``max_bytes``, a network error or the deadline passed.
+            status, a body over ``max_bytes``, a network error or the deadline passed
+            (the message says while doing what).
     """
-    deadline = time.monotonic() + policy.timeout_s
-    for _ in range(policy.max_redirects + 1):
-        parts, address, port = check_url(url, policy)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise FetchError(f"fetching took longer than {policy.timeout_s:g} s")
-        kind = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-        conn = kind(parts.hostname or "", address, port, timeout=remaining)
+    deadline = _Deadline(policy.timeout_s, end)
+    try:
+        for _ in range(policy.max_redirects + 1):
+            parts, address, port = check_url(url, policy)
+            fetched, url = _one_hop(url, parts, address, port, max_bytes, deadline)
+            if fetched is not None:
+                return fetched
+        raise FetchError(f"more than {policy.max_redirects} redirects")
+    finally:
+        deadline.cancel()
+
+
+def _one_hop(
+    url: str, parts: urllib.parse.SplitResult, address: str, port: int, max_bytes: int, deadline: _Deadline
+) -> tuple[Fetched | None, str]:
+    """One request: the body (and the URL), or None and the URL a redirect points to."""
+    kind = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
+    conn = kind(parts.hostname or "", address, port, deadline)
+    doing = "connecting and sending the request"
+    try:
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        conn.request("GET", path, headers={"Accept": "image/*, audio/*", "User-Agent": "mmtriton-openai-frontend"})
+        doing = "reading the response headers"
+        resp = conn.getresponse()
+        if resp.status in _REDIRECTS:
+            location = resp.getheader("Location")
+            if not location:
+                raise FetchError(f"HTTP {resp.status} without a Location header")
+            LOGGER.debug("redirected to %s", location)
+            return None, urllib.parse.urljoin(url, location)
+        if resp.status != 200:
+            raise FetchError(f"HTTP {resp.status} {resp.reason}")
+        declared = resp.getheader("Content-Length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise FetchError(f"body of {int(declared)} bytes is over the limit of {max_bytes} bytes")
+        doing = "reading the body"
+        body = bytearray()
+        while True:
+            if conn.sock is not None:
+                conn.sock.settimeout(deadline.remaining())
+            chunk = resp.read1(min(_CHUNK, max_bytes + 1 - len(body)))
+            if deadline.expired:  # what the shut-down socket returned is not the body's end
+                break
+            if not chunk:
+                break
+            body += chunk
+            if len(body) > max_bytes:
+                raise FetchError(f"body is over the limit of {max_bytes} bytes (stopped reading)")
+        deadline.remaining()
+        content_type = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+        return Fetched(bytes(body), content_type), url
+    except _DeadlinePassed:
+        raise FetchError(f"fetching took longer than {deadline.timeout_s:g} s (while {doing})") from None
+    except (OSError, http.client.HTTPException) as err:
+        if deadline.expired or time.monotonic() >= deadline.end:  # the socket was shut down at the deadline
+            raise FetchError(f"fetching took longer than {deadline.timeout_s:g} s (while {doing})") from None
+        raise FetchError(f"could not fetch: {err.__class__.__name__}: {err}") from None
+    finally:
+        conn.close()
+
+
+class FetchPool:
+    """Runs fetches on threads of their own, at most ``policy.max_concurrent`` at once.
+
+    The pool has exactly as many threads as slots, so a fetch that has a slot starts at
+    once; one that gets no slot before its deadline is refused (:class:`FetchBusy`).
+    Nothing here touches the event loop's default executor (``asyncio.to_thread``).
+
+    Args:
+        policy: The operator's policy (its ``timeout_s`` covers the wait for a slot too).
+    """
+
+    def __init__(self, policy: FetchPolicy) -> None:
+        self.policy = policy
+        self._executor = ThreadPoolExecutor(max(1, policy.max_concurrent), thread_name_prefix="url-fetch")
+        self._slots = asyncio.Semaphore(max(1, policy.max_concurrent))
+
+    async def fetch(self, url: str, max_bytes: int) -> Fetched:
+        """Fetch ``url`` (see :func:`fetch_url`) without blocking the event loop.
+
+        Raises:
+            FetchBusy: Every slot stayed taken until the deadline.
+            FetchError: As :func:`fetch_url`.
+        """
+        end = time.monotonic() + self.policy.timeout_s
         try:
-            path = parts.path or "/"
-            if parts.query:
-                path += "?" + parts.query
-            conn.request("GET", path, headers={"Accept": "image/*, audio/*", "User-Agent": "mmtriton-openai-frontend"})
-            resp = conn.getresponse()
-            if resp.status in _REDIRECTS:
-                location = resp.getheader("Location")
-                if not location:
-                    raise FetchError(f"HTTP {resp.status} without a Location header")
-                url = urllib.parse.urljoin(url, location)
-                LOGGER.debug("redirected to %s", url)
-                continue
-            if resp.status != 200:
-                raise FetchError(f"HTTP {resp.status} {resp.reason}")
-            declared = resp.getheader("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise FetchError(f"body of {int(declared)} bytes is over the limit of {max_bytes} bytes")
-            body = bytearray()
-            while True:
-                if time.monotonic() > deadline:
-                    raise FetchError(f"fetching took longer than {policy.timeout_s:g} s")
-                chunk = resp.read(min(_CHUNK, max_bytes + 1 - len(body)))
-                if not chunk:
-                    break
-                body += chunk
-                if len(body) > max_bytes:
-                    raise FetchError(f"body is over the limit of {max_bytes} bytes (stopped reading)")
-            content_type = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
-            return Fetched(bytes(body), content_type)
-        except (OSError, http.client.HTTPException) as err:
-            raise FetchError(f"could not fetch: {err.__class__.__name__}: {err}") from None
+            await asyncio.wait_for(self._slots.acquire(), self.policy.timeout_s)
+        except TimeoutError:
+            raise FetchBusy(
+                f"{self.policy.max_concurrent} URL fetches were already running and none ended within "
+                f"the {self.policy.timeout_s:g} s fetch deadline; try again later or send the data inline"
+            ) from None
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, fetch_url, url, max_bytes, self.policy, end)
         finally:
-            conn.close()
-    raise FetchError(f"more than {policy.max_redirects} redirects")
+            self._slots.release()
+
+    def close(self) -> None:
+        """Let the threads go (running fetches end at their deadline)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -2,7 +2,8 @@
 
 Refused URLs are shown to make no connection at all: a loopback listener records
 every connection it accepts, and host names are pointed at chosen addresses by
-replacing ``socket.getaddrinfo`` (no DNS server is involved).
+replacing ``socket.getaddrinfo`` (no DNS server is involved). Origins that drip
+their answer a byte at a time show the fetch deadline is a hard one.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ import base64
 import http.server
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from openai_frontend.errors import APIError
-from openai_frontend.fetch import FetchError, FetchPolicy, fetch_url
+from openai_frontend.fetch import FetchBusy, FetchError, FetchPolicy, FetchPool, fetch_url
 from openai_frontend.media import MediaLimits, parse_messages
+
+#: Slack on top of a deadline for "refused within the deadline" (scheduling on a loaded 2-core machine).
+DEADLINE_MARGIN_S = 2.5
 
 
 class Listener:
@@ -113,6 +119,79 @@ class BodyServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class DripServer:
+    """A loopback HTTP origin that sends one byte every ``interval_s``.
+
+    ``/head`` drips its status line and headers (then the body); ``/body`` sends its
+    headers at once and drips the body. Each answer is far longer than any deadline the
+    tests use; :attr:`sent` counts the bytes sent per path, :attr:`connections` the
+    connections accepted. :meth:`close` stops every drip and joins the threads.
+    """
+
+    HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nX-Padding: " + b"p" * 40 + b"\r\nContent-Length: 80\r\n\r\n"
+    BODY = b"\x89PNG" + b"\0" * 76
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.sent: dict[str, int] = {}
+        self.connections = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(32)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self._threads: list[threading.Thread] = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with self._lock:
+                self.connections += 1
+            thread = threading.Thread(target=self._drip, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(5)
+            path = conn.recv(65536).split(b" ")[1].decode()
+            if path == "/body":
+                conn.sendall(self.HEAD)
+            data = self.BODY if path == "/body" else self.HEAD + self.BODY
+            for i in range(len(data)):
+                if self._stop.wait(self.interval_s if i else 0):
+                    break
+                conn.sendall(data[i : i + 1])
+                with self._lock:
+                    self.sent[path] = self.sent.get(path, 0) + 1
+        except (OSError, IndexError):
+            pass  # the fetcher hung up: what the tests want to see
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in list(self._threads):
+            thread.join(timeout=5)
+        self.sock.close()
+
+
+@pytest.fixture
+def drip() -> Iterator[DripServer]:
+    srv = DripServer()
+    yield srv
+    srv.close()
 
 
 @pytest.fixture
@@ -219,6 +298,47 @@ def test_each_redirect_is_checked_again(monkeypatch: pytest.MonkeyPatch, body_se
     loop = f"{base}/redirect?to={base}/redirect?to={base}/redirect?to={base}/redirect?to={base}/ok.png"
     with pytest.raises(FetchError, match="more than 2 redirects"):
         fetch_url(loop, 1000, FetchPolicy(enabled=True, allowed_hosts=frozenset({"127.0.0.1"}), max_redirects=2))
+
+
+@pytest.mark.parametrize(("path", "doing"), [("/head", "reading the response headers"), ("/body", "reading the body")])
+def test_a_slow_drip_is_cut_at_the_deadline(drip: DripServer, path: str, doing: str) -> None:
+    """Every recv gets a byte well within the socket timeout; only the hard deadline ends the fetch."""
+    policy = FetchPolicy(enabled=True, allowed_hosts=frozenset({"127.0.0.1"}), timeout_s=1.5)
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=rf"fetching took longer than 1.5 s \(while {doing}\)"):
+        fetch_url(drip.url(path), 1000, policy)
+    assert time.monotonic() - started < 1.5 + DEADLINE_MARGIN_S
+    full = len(DripServer.HEAD + DripServer.BODY) if path == "/head" else len(DripServer.BODY)
+    assert 0 < drip.sent[path] < full  # it was cut mid-drip, not after the whole answer
+
+
+def test_fetch_pool_bounds_fetches_and_keeps_off_the_default_executor(drip: DripServer) -> None:
+    """Fetches run on the pool's own threads: with the loop's default executor down to 2 threads,
+    4 dripping fetches still leave it free (``/health``'s probe runs there). Over the pool's
+    limit, a fetch that gets no slot before its deadline is refused as busy."""
+    policy = FetchPolicy(enabled=True, allowed_hosts=frozenset({"127.0.0.1"}), timeout_s=2.0, max_concurrent=4)
+
+    async def run() -> tuple[list[object], float, float]:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+        pool = FetchPool(policy)
+        started = time.monotonic()
+        tasks = [asyncio.ensure_future(pool.fetch(drip.url("/body"), 1000)) for _ in range(5)]
+        await asyncio.sleep(0.3)
+        await asyncio.gather(*(asyncio.to_thread(time.sleep, 0.01) for _ in range(4)))
+        free_after = time.monotonic() - started
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        pool.close()
+        return results, free_after, time.monotonic() - started
+
+    results, free_after, total = asyncio.run(asyncio.wait_for(run(), 60))
+    busy = [r for r in results if isinstance(r, FetchBusy)]
+    late = [r for r in results if isinstance(r, FetchError) and not isinstance(r, FetchBusy)]
+    assert len(busy) == 1 and "4 URL fetches were already running" in str(busy[0])
+    assert len(late) == 4 and all("took longer than 2 s" in str(r) for r in late)
+    assert free_after < 2.0  # the default executor answered while every fetch was still dripping
+    assert total < 2.0 + DEADLINE_MARGIN_S
+    assert drip.connections == 4  # the busy one never connected
 
 
 def _no_fetch(url: str, max_bytes: int, param: str) -> object:
