@@ -4,15 +4,23 @@ Endpoints:
 
 - ``POST /v1/chat/completions``: streamed (server-sent events, ``data: [DONE]``,
   ``stream_options.include_usage``) or whole;
-- ``GET /v1/models``: the one served model;
+- ``GET /v1/models``, ``GET /v1/models/{id}``: the one served model;
 - ``GET /health``: 200 only when Triton answers real inference (``mmtriton.probe``);
 - ``GET /metrics``: Prometheus text (:mod:`openai_frontend.metrics`).
 
 Every request is checked here first (message roles, content parts, media counts and
-sizes, parameters) and refused with a 400 OpenAI-style error naming the field; what
-only the server can tell (an image that does not decode, a prompt over the engine's
-length) comes back from Triton as an input error and is mapped to a 400 naming the
-part it came from. Only the front door's own failures and Triton's are 5xx.
+sizes, parameters, the prompt's length in bytes) and refused with a 400 OpenAI-style
+error naming the field; what only the server can tell (an image that does not decode,
+a prompt over the engine's length in tokens) comes back from Triton as an input error
+and is mapped to a 400 naming the part it came from. Only the front door's own
+failures and Triton's are 5xx. Every error, unknown paths and methods included, has
+the OpenAI body ``{"error": {message, type, param, code}}``.
+
+Hostile bodies are bounded before they cost anything (:class:`_GuardBody`): a body over
+:attr:`FrontendConfig.body_limit` is refused with a 413 (at once when its
+``Content-Length`` says so, else as soon as the bytes received pass it) and a body not
+received within ``body_timeout_s`` with a 408. Parsing a large body, bounding its prompt
+and decoding its media run in worker threads, so the event loop keeps serving others.
 """
 
 from __future__ import annotations
@@ -21,9 +29,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +41,25 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from clients.llm import Chunk, Sampling, conversation_json, request_values
 from mmtriton.contract import chat_ensemble
 from openai_frontend.errors import APIError, bad_request
-from openai_frontend.fetch import FetchError, FetchPolicy, fetch_url
-from openai_frontend.media import MediaLimits, ParsedMessages, parse_messages
+from openai_frontend.fetch import FetchBusy, FetchError, FetchPolicy, FetchPool
+from openai_frontend.media import (
+    OFFLOAD_BYTES,
+    MediaLimits,
+    ParsedMessages,
+    longest_token_bytes,
+    parse_messages,
+    prompt_text_bytes,
+)
 from openai_frontend.metrics import Metrics
 from openai_frontend.triton import TritonChat, TritonError
 
@@ -47,6 +67,20 @@ LOGGER = logging.getLogger(__name__)
 
 #: Largest ``seed`` the ensembles take (UINT64).
 _MAX_SEED = 2**64 - 1
+#: Largest ``top_k`` the ensembles take (INT32).
+_MAX_TOP_K = 2**31 - 1
+#: ``temperature`` range (OpenAI's).
+_TEMPERATURE_RANGE = (0.0, 2.0)
+#: Room in the body limit for everything but the media and the prompt text (JSON syntax,
+#: parameters, assistant turns, stop strings).
+BODY_SLACK_BYTES = 1024 * 1024
+#: Paths that label the requests metric as themselves; any other path is counted as ``unmatched``
+#: (so that random paths cannot grow the metric without bound).
+_KNOWN_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+#: Where a lone UTF-16 surrogate can come from in a JSON body: a ``\uD800``-``\uDFFF`` escape,
+#: or the raw (CESU-8) bytes of one, which ``json.loads`` lets through.
+_SURROGATE_SOURCE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 #: Request fields that the server's input errors name, by the ensemble input they come from.
 _PARAM_OF_INPUT = {
     "text_input": "messages",
@@ -73,6 +107,12 @@ class FrontendConfig:
         health_cache_s: How long a ``/health`` verdict is reused.
         metrics_on_api: Serve ``/metrics`` on the API port too (off when the metrics have a
             port of their own, so that a network policy can keep them to monitoring).
+        max_input_len: The engine's longest prompt in tokens (``llm.max_input_len``); None: no
+            prompt length check in the front door.
+        token_bytes: The most text bytes one token stands for (:func:`longest_token_bytes`);
+            None: no prompt length check in the front door.
+        max_body_bytes: The largest request body; None: :func:`default_max_body_bytes`.
+        body_timeout_s: Deadline for receiving a whole request body (408 after it).
     """
 
     triton_url: str
@@ -83,6 +123,24 @@ class FrontendConfig:
     health_deadline_s: float = 10.0
     health_cache_s: float = 5.0
     metrics_on_api: bool = True
+    max_input_len: int | None = None
+    token_bytes: int | None = None
+    max_body_bytes: int | None = None
+    body_timeout_s: float = 30.0
+
+    @property
+    def max_text_bytes(self) -> int | None:
+        """The most system and user text bytes a prompt that fits can have (``max_input_len * L``), or None."""
+        if self.max_input_len is None or self.token_bytes is None:
+            return None
+        return self.max_input_len * self.token_bytes
+
+    @property
+    def body_limit(self) -> int:
+        """The request body limit in bytes: ``max_body_bytes``, or the one derived from the limits."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return default_max_body_bytes(self.limits, self.max_text_bytes)
 
     @classmethod
     def from_bundle(cls, bundle_dir: Path, triton_url: str, **overrides: Any) -> FrontendConfig:
@@ -101,9 +159,29 @@ class FrontendConfig:
                 image_max_bytes=int(spec["vision"]["max_bytes"]), audio_max_bytes=int(spec["audio"]["max_bytes"])
             ),
             "max_output_len": int(spec["llm"]["max_output_len"]),
+            "max_input_len": int(spec["llm"]["max_input_len"]),
+            "token_bytes": longest_token_bytes(Path(bundle_dir) / "llm" / "tokenizer.json"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def default_max_body_bytes(limits: MediaLimits, max_text_bytes: int | None) -> int:
+    """The largest request body a request within every limit can need.
+
+    ``4/3`` of the image and the clip byte limits (base64), plus 5% for what JSON writers
+    add inside base64 (``\\/`` for ``/``, line breaks); ``6x`` the prompt text bound (a
+    ``\\u00XX`` escape is 6 bytes per byte of text; 64 bytes per token up to 8192 tokens when
+    the bound is unknown); and :data:`BODY_SLACK_BYTES` for the rest.
+
+    Args:
+        limits: The media limits.
+        max_text_bytes: :attr:`FrontendConfig.max_text_bytes`, or None.
+    """
+    media = 4 * math.ceil(limits.image_max_bytes / 3) * limits.max_images
+    media += 4 * math.ceil(limits.audio_max_bytes / 3) * limits.max_audios
+    text = max_text_bytes if max_text_bytes is not None else 8192 * 64
+    return math.ceil(media * 1.05) + 6 * text + BODY_SLACK_BYTES
 
 
 class StreamOptions(BaseModel):
@@ -114,7 +192,9 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The fields of a chat completion request this server reads; any other field is ignored.
+    """The fields of a chat completion request this server reads; any other field is ignored,
+    except the ones whose effect this server cannot give (:data:`REFUSED_FIELDS`), which are
+    refused unless they carry their neutral value.
 
     ``enable_thinking`` and ``return_reasoning`` are what OpenAI clients send through
     ``extra_body`` for reasoning models: ``enable_thinking`` (also read from
@@ -142,6 +222,59 @@ class ChatCompletionRequest(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+def _zero(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool) and value == 0)
+
+
+_NO_LOGPROBS = "log probabilities are not supported by this server"
+_NO_TOOLS = "tool and function calling are not supported by this server"
+_NO_GUIDED = "guided decoding is not supported by this server"
+#: Fields that change the answer in OpenAI's API (or vLLM's extensions) and that this server
+#: cannot honour: ``(name, accepted(value), why)``. A value the test accepts (absent, null,
+#: or the neutral value) goes through; any other is a 400 naming the field.
+REFUSED_FIELDS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("logprobs", lambda v: v is None or v is False, _NO_LOGPROBS),
+    ("top_logprobs", lambda v: v is None, _NO_LOGPROBS),
+    ("prompt_logprobs", lambda v: v is None, _NO_LOGPROBS),
+    ("response_format", lambda v: v is None or v == {"type": "text"},
+     'only {"type": "text"} is supported; JSON mode and structured outputs are not'),
+    ("tools", lambda v: not v, _NO_TOOLS),
+    ("tool_choice", lambda v: v is None or v == "none", _NO_TOOLS + '; only "none" is accepted'),
+    ("functions", lambda v: not v, _NO_TOOLS),
+    ("function_call", lambda v: v is None or v == "none", _NO_TOOLS + '; only "none" is accepted'),
+    ("presence_penalty", _zero, "penalties are not supported by the engines; only 0 is accepted"),
+    ("frequency_penalty", _zero, "penalties are not supported by the engines; only 0 is accepted"),
+    ("repetition_penalty", lambda v: v is None or v == 1,
+     "penalties are not supported by the engines; only 1 is accepted"),
+    ("logit_bias", lambda v: not v, "logit_bias is not supported by the engines"),
+    ("min_p", _zero, "min_p is not supported by the engines; only 0 is accepted"),
+    ("min_tokens", _zero, "min_tokens is not supported by the engines; only 0 is accepted"),
+    ("best_of", lambda v: v is None or v == 1, "only best_of=1 is supported"),
+    ("use_beam_search", lambda v: not v, "beam search is not supported by the engines"),
+    ("guided_json", lambda v: v is None, _NO_GUIDED),
+    ("guided_regex", lambda v: v is None, _NO_GUIDED),
+    ("guided_choice", lambda v: v is None, _NO_GUIDED),
+    ("guided_grammar", lambda v: v is None, _NO_GUIDED),
+    ("structured_outputs", lambda v: v is None, _NO_GUIDED),
+    ("modalities", lambda v: v is None or v == ["text"], 'only text output is supported (modalities ["text"])'),
+    ("audio", lambda v: v is None, "audio output is not supported by this server"),
+)
+
+
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    """Refuse a request that asks for something this server would otherwise silently not do.
+
+    Raises:
+        APIError: 400 naming the first field of :data:`REFUSED_FIELDS` with a value other
+            than its neutral one.
+    """
+    for name, accepted, why in REFUSED_FIELDS:
+        if name in body and not accepted(body[name]):
+            value = body[name]
+            shown = f"{name}={json.dumps(value)}" if isinstance(value, bool | int | float | str) else name
+            raise bad_request(f"{shown}: {why}", name, "unsupported_parameter")
+
+
 def sampling_of(req: ChatCompletionRequest, max_output_len: int) -> Sampling:
     """The ensembles' sampling inputs for a request, checked.
 
@@ -151,8 +284,9 @@ def sampling_of(req: ChatCompletionRequest, max_output_len: int) -> Sampling:
     ``temperature`` at all the server's default (greedy) applies.
 
     Raises:
-        APIError: ``n`` other than 1, ``max_tokens`` outside ``1..max_output_len``, a
-            seed outside 0..2**64-1, a stop sequence that is not text.
+        APIError: ``n`` other than 1, ``max_tokens`` outside ``1..max_output_len``,
+            ``temperature`` outside 0..2, ``top_p`` outside (0, 1], ``top_k`` other than -1
+            or outside 0..2**31-1, a seed outside 0..2**64-1.
     """
     if req.n is not None and req.n != 1:
         raise bad_request(f"n={req.n}: this server returns one choice per request; only n=1 is supported", "n")
@@ -166,6 +300,13 @@ def sampling_of(req: ChatCompletionRequest, max_output_len: int) -> Sampling:
         raise bad_request(f"{name}={max_tokens}: over this model's limit of {max_output_len} tokens", name)
     if req.seed is not None and not 0 <= req.seed <= _MAX_SEED:
         raise bad_request(f"seed={req.seed}: must be within 0..{_MAX_SEED}", "seed")
+    low, high = _TEMPERATURE_RANGE
+    if req.temperature is not None and not low <= req.temperature <= high:
+        raise bad_request(f"temperature={req.temperature}: must be within {low:g}..{high:g}", "temperature")
+    if req.top_p is not None and not 0 < req.top_p <= 1:
+        raise bad_request(f"top_p={req.top_p}: must be within (0, 1]", "top_p")
+    if req.top_k is not None and req.top_k != -1 and not 0 <= req.top_k <= _MAX_TOP_K:
+        raise bad_request(f"top_k={req.top_k}: must be -1 (off) or within 0..{_MAX_TOP_K}", "top_k")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     top_k = None if req.top_k in (None, -1) else req.top_k  # -1: "no top-k" in vLLM's dialect
     top_p = req.top_p
@@ -179,6 +320,30 @@ def sampling_of(req: ChatCompletionRequest, max_output_len: int) -> Sampling:
         seed=req.seed,
         stop_words=tuple(s for s in stops if s),
         ignore_eos=bool(req.ignore_eos),
+    )
+
+
+def check_prompt_bytes(text_bytes: int, config: FrontendConfig) -> None:
+    """Refuse a prompt whose system and user text alone cannot fit the engine.
+
+    ``text_bytes`` bytes are at least ``ceil(text_bytes / L)`` tokens (``L`` =
+    :attr:`FrontendConfig.token_bytes`), so a text over ``max_input_len * L`` bytes is over
+    ``max_input_len`` tokens whatever the tokenizer makes of it: refusing it here can never
+    refuse a prompt that fits, and saves Triton from tokenizing megabytes first.
+
+    Raises:
+        APIError: 400 naming ``messages`` and the limit.
+    """
+    limit = config.max_text_bytes
+    if limit is None or text_bytes <= limit:
+        return
+    least = -(-text_bytes // (config.token_bytes or 1))
+    raise bad_request(
+        f"messages: the system and user text is {text_bytes} bytes, so at least {least} tokens "
+        f"(this tokenizer's tokens stand for at most {config.token_bytes} bytes each), over this model's "
+        f"limit of {config.max_input_len} input tokens",
+        "messages",
+        "prompt_too_long",
     )
 
 
@@ -275,8 +440,149 @@ class _Usage:
         self.metrics.completion_tokens.inc(self.completion_tokens)
 
 
+def decode_body(raw: bytes | bytearray) -> dict[str, Any]:
+    """Parse a chat completion body, refusing what would fail later as a 500.
+
+    Raises:
+        APIError: 400 for a body that is not JSON (``NaN`` and ``Infinity`` included, and
+            integers of more than 4300 digits), nested too deeply for the parser, not an
+            object, or holding a lone UTF-16 surrogate (``"\\ud800"``) in any string:
+            such text cannot be encoded for Triton. The message names where.
+    """
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise bad_request("the request body is not valid JSON: nested too deeply", None, "invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise bad_request(f"the request body is not valid JSON: {err}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    if _SURROGATE_SOURCE.search(raw):
+        _refuse_lone_surrogates(body)
+    return body
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _refuse_lone_surrogates(body: dict[str, Any]) -> None:
+    """Raise a 400 naming the first string (or key) of ``body`` with a lone surrogate."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            found = _SURROGATE.search(value)
+            if found:
+                where = path or "the request body"
+                raise bad_request(
+                    f"{where}: invalid Unicode: a lone surrogate U+{ord(found.group()):04X} "
+                    "(escaped surrogates must come in high-low pairs)",
+                    path or None,
+                    "invalid_unicode",
+                )
+        elif isinstance(value, dict):  # pushed in reverse, so the first one in the body is found first
+            for key, item in reversed(value.items()):
+                stack.append((item, f"{path}.{key}" if path else key))
+                stack.append((key, path))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(value))))
+
+
+async def _in_thread_if(large: bool, func: Callable[..., Any], *args: Any) -> Any:
+    """``func(*args)``: in a worker thread (anyio's, not the executor ``/health`` uses) when ``large``."""
+    if large:
+        return await anyio.to_thread.run_sync(func, *args)
+    return func(*args)
+
+
+async def _send_error(send: Any, err: APIError) -> None:
+    """Send ``err`` as a whole response straight through ASGI (below the exception handlers)."""
+    body = err.body_bytes()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (err.headers or {}).items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _GuardBody:
+    """Plain ASGI middleware bounding the request body in size and in time.
+
+    A ``Content-Length`` over ``max_bytes`` is refused with a 413 before a byte of the body
+    is read; otherwise ``receive`` is wrapped: a 413 as soon as the bytes received pass
+    ``max_bytes`` (chunked bodies, or a body longer than declared), a 408 when the body is
+    not whole ``timeout_s`` after the request's headers arrived. Both answers close the
+    connection (the rest of the body is never read). Once the body is whole, ``receive``
+    is passed through untouched (waiting for a disconnect has no deadline).
+
+    Args:
+        app: The ASGI application.
+        max_bytes: The body limit.
+        timeout_s: The body deadline.
+        metrics: Where the refusals are counted.
+    """
+
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float, metrics: Metrics) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+
+    def _too_large(self, size: str) -> APIError:
+        return APIError(
+            413, f"the request body is {size}, over this server's limit of {self.max_bytes} bytes",
+            None, "body_too_large", {"Connection": "close"},
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            err = self._too_large(f"{int(declared)} bytes (Content-Length)")
+            self.metrics.errors.labels(str(err.status), err.code or "").inc()
+            await _send_error(send, err)
+            return
+        deadline = time.monotonic() + self.timeout_s
+        state = {"received": 0, "whole": False}
+
+        async def guarded() -> dict[str, Any]:
+            if state["whole"]:
+                return await receive()
+            try:
+                with anyio.fail_after(max(deadline - time.monotonic(), 0.0)):
+                    message = await receive()
+            except TimeoutError:
+                raise APIError(
+                    408, f"the request body was not received within {self.timeout_s:g} s",
+                    None, "body_timeout", {"Connection": "close"},
+                ) from None
+            if message["type"] != "http.request":
+                state["whole"] = True  # a disconnect
+                return message
+            state["received"] += len(message.get("body", b""))
+            if state["received"] > self.max_bytes:
+                raise self._too_large(f"over {state['received']} bytes")
+            state["whole"] = not message.get("more_body", False)
+            return message
+
+        await self.app(scope, guarded, send)
+
+
+def _endpoint_label(scope: dict[str, Any]) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None) or scope.get("path", "")
+    return path if path in _KNOWN_PATHS or route is not None else "unmatched"
+
+
 class _CountRequests:
-    """Plain ASGI middleware counting responses by path and status (it leaves streaming and disconnects alone)."""
+    """Plain ASGI middleware counting responses by endpoint and status (it leaves streaming alone).
+
+    A client that went away before its response was whole is counted as status 499
+    (nginx's "client closed request"), whatever status had been started; a path no route
+    matches is counted as ``unmatched``.
+    """
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app = app
@@ -286,17 +592,26 @@ class _CountRequests:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = {"code": 500}
+        state: dict[str, Any] = {"code": None, "whole": False, "left": False}
+
+        async def listen() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not state["whole"]:
+                state["left"] = True
+            return message
 
         async def watch(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                state["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["whole"] = True
             await send(message)
 
         try:
-            await self.app(scope, receive, watch)
+            await self.app(scope, listen, watch)
         finally:
-            self.metrics.requests.labels(scope["path"], str(status["code"])).inc()
+            code = 499 if state["left"] and not state["whole"] else state["code"] or 500
+            self.metrics.requests.labels(_endpoint_label(scope), str(code)).inc()
 
 
 async def _answer_pieces(
@@ -348,6 +663,10 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
+#: What the 404 answer lists.
+ENDPOINTS = "POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model}, GET /health, GET /metrics"
+
+
 def create_app(config: FrontendConfig) -> FastAPI:
     """Build the front door for one Triton server and model.
 
@@ -358,6 +677,8 @@ def create_app(config: FrontendConfig) -> FastAPI:
     state: dict[str, Any] = {"health": (0.0, False, "not checked yet")}
     health_lock = asyncio.Lock()  # one probe at a time; callers that waited reuse its verdict
 
+    fetches = FetchPool(config.fetch)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state["triton"] = TritonChat(config.triton_url)
@@ -365,38 +686,80 @@ def create_app(config: FrontendConfig) -> FastAPI:
             yield
         finally:
             await state["triton"].close()
+            fetches.close()
 
     app = FastAPI(title="mmtriton OpenAI-compatible front door", lifespan=lifespan)
     created = int(time.time())
 
     async def fetch(url: str, max_bytes: int, param: str) -> tuple[bytes, str]:
         try:
-            got = await asyncio.to_thread(fetch_url, url, max_bytes, config.fetch)
+            got = await fetches.fetch(url, max_bytes)
+        except FetchBusy as err:
+            raise APIError(503, f"{param}: image URL not fetched: {err}", param, "fetch_busy") from None
         except FetchError as err:
             raise bad_request(f"{param}: image URL refused: {err}", param, "url_refused") from None
         return got.data, got.content_type
 
+    # The last one added is the outermost: the counting sees the body guard's refusals too.
+    app.add_middleware(_GuardBody, max_bytes=config.body_limit, timeout_s=config.body_timeout_s, metrics=metrics)
     app.add_middleware(_CountRequests, metrics=metrics)
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, err: APIError) -> JSONResponse:
+    def error_response(err: APIError) -> Response:
         metrics.errors.labels(str(err.status), err.code or "").inc()
+        return Response(err.body_bytes(), status_code=err.status, media_type="application/json", headers=err.headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> Response:
         if err.status >= 500:
             LOGGER.warning("%s %s: %s", request.method, request.url.path, err.message)
-        return JSONResponse(err.body(), status_code=err.status)
+        return error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> Response:
+        """Routing's own answers (unknown path, wrong method) in the OpenAI error shape."""
+        where = f"{request.method} {request.url.path}"
+        if err.status_code == 404:
+            message, code = f"{where}: no such endpoint on this server (it serves {ENDPOINTS})", "not_found"
+        elif err.status_code == 405:
+            allowed = (err.headers or {}).get("Allow", "")
+            message, code = f"{where}: method not allowed; this path takes {allowed}", "method_not_allowed"
+        else:
+            message, code = f"{where}: {err.detail}", "http_error"
+        api = APIError(err.status_code, message, None, code, dict(err.headers or {}) or None)
+        return error_response(api)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> Response:
+        first = (err.errors() or [{}])[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or None
+        return error_response(bad_request(f"{where}: {first.get('msg', 'invalid request')}", where))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, err: ClientDisconnect) -> Response:
+        """The client went away while its body was being read: nobody to answer (counted as 499)."""
+        LOGGER.info("client of %s %s went away before sending its whole body", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
-    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+    async def internal_error(request: Request, err: Exception) -> Response:
         LOGGER.exception("unexpected failure on %s %s", request.method, request.url.path)
-        metrics.errors.labels("500", "internal_error").inc()
-        return JSONResponse(APIError(500, "internal error in the front door", code="internal_error").body(), status_code=500)
+        return error_response(APIError(500, "internal error in the front door", code="internal_error"))
+
+    def model_card() -> dict[str, Any]:
+        return {"id": config.model_name, "object": "model", "created": created, "owned_by": "mmtriton"}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": config.model_name, "object": "model", "created": created, "owned_by": "mmtriton"}],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != config.model_name:
+            raise APIError(
+                404, f"the model {model_id!r} does not exist; this server serves {config.model_name!r}",
+                "model", "model_not_found",
+            )
+        return model_card()
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -413,7 +776,11 @@ def create_app(config: FrontendConfig) -> FastAPI:
                 except Exception as err:  # noqa: BLE001 (any failure to reach or use Triton means "not ready")
                     ok, reason = False, f"{err.__class__.__name__}: {err}"
                 state["health"] = (time.monotonic(), ok, reason)
-        return JSONResponse({"status": "ok" if ok else "unavailable", "detail": reason}, status_code=200 if ok else 503)
+        if ok:
+            return JSONResponse({"status": "ok", "detail": reason})
+        metrics.errors.labels("503", "not_ready").inc()
+        unready = APIError(503, f"not ready: {reason}", None, "not_ready").body()
+        return JSONResponse({"status": "unavailable", "detail": reason, **unready}, status_code=503)
 
     if config.metrics_on_api:
 
@@ -426,20 +793,26 @@ def create_app(config: FrontendConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise bad_request(f"the request body is not valid JSON: {err}") from None
-        if not isinstance(body, dict):
-            raise bad_request("the request body must be a JSON object")
+        raw = bytearray()
+        async for piece in request.stream():  # not request.body(): that would keep a copy on the request
+            raw += piece
+        large = len(raw) > OFFLOAD_BYTES
+        body = await _in_thread_if(large, decode_body, raw)
+        del raw
+        refuse_unsupported(body)
         try:
             req = ChatCompletionRequest.model_validate(body)
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise bad_request(f"{where}: {first['msg']}", where) from None
+        del body
         sampling = sampling_of(req, config.max_output_len)
+        if config.max_text_bytes is not None:
+            text_bytes = await _in_thread_if(large, prompt_text_bytes, req.messages)
+            check_prompt_bytes(text_bytes, config)
         parsed = await parse_messages(req.messages, config.limits, fetch)
+        req.messages = []  # the media are in ``parsed`` now; let the base64 text go
         values = request_values(
             None, parsed.image, parsed.audio, sampling, stream=True, messages=conversation_json(parsed.messages, _thinking(req))
         )

@@ -4,19 +4,32 @@ Content parts become the conversation's parts in place (``image_url`` -> an imag
 part, ``input_audio`` -> an audio part), so the chat template puts the placeholders
 where the parts were. The media themselves are only unwrapped (base64 decoded, or
 fetched); nothing here decodes an image or a clip: the ensemble does, and its
-verdict on a bad payload comes back as a 400 naming the part.
+verdict on a bad payload comes back as a 400 naming the part. Base64 payloads over
+:data:`OFFLOAD_BYTES` are decoded in a worker thread, so that the event loop keeps
+answering other requests meanwhile.
+
+The prompt's length is bounded here too, before anything goes to Triton: a text of
+``B`` UTF-8 bytes is at least ``ceil(B / L)`` tokens, ``L`` being the most text
+bytes one token of the tokenizer can stand for (:func:`longest_token_bytes`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import anyio
+
 from openai_frontend.errors import bad_request
+
+LOGGER = logging.getLogger(__name__)
 
 #: Image types a ``data:`` URL may declare (what the ``image_preprocess`` model decodes).
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
@@ -25,6 +38,13 @@ AUDIO_FORMATS = ("wav", "flac", "ogg")
 #: OpenAI roles; ``developer`` (newer clients' name for the system prompt) is sent as ``system``.
 ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.S)
+_SPACE = re.compile(r"\s")
+#: Payloads (and request bodies) larger than this are handled in a worker thread, off the event loop.
+OFFLOAD_BYTES = 256 * 1024
+#: Roles whose text :func:`prompt_text_bytes` counts: chat templates render system and user text
+#: (some trim it); assistant turns are left out, since some templates drop parts of earlier
+#: answers (their reasoning).
+COUNTED_ROLES = frozenset({"system", "developer", "user"})
 
 
 @dataclass(frozen=True)
@@ -75,7 +95,7 @@ def decode_base64(data: Any, max_bytes: int, param: str, what: str) -> bytes:
     """
     if not isinstance(data, str):
         raise bad_request(f"{param}: {what} data must be a base64 string", param)
-    compact = "".join(data.split())
+    compact = "".join(data.split()) if _SPACE.search(data) else data
     if len(compact) // 4 * 3 > max_bytes + 3:
         size = len(compact) // 4 * 3
         raise bad_request(
@@ -94,25 +114,36 @@ def decode_base64(data: Any, max_bytes: int, param: str, what: str) -> bytes:
     return raw
 
 
+async def _off_loop(func: Callable[..., bytes], size: int, *args: Any) -> bytes:
+    """``func(*args)``, in a worker thread when the payload is over :data:`OFFLOAD_BYTES`."""
+    if size > OFFLOAD_BYTES:
+        return await anyio.to_thread.run_sync(func, *args)
+    return func(*args)
+
+
+def _data_url_bytes(url: str, param: str, limits: MediaLimits) -> bytes:
+    match = _DATA_URL.match(url)
+    if not match:
+        raise bad_request(f"{param}: malformed data URL (expected data:image/<type>;base64,<data>)", param)
+    mime, params, payload = match.group(1).strip().lower(), match.group(2).lower(), match.group(3)
+    if mime not in IMAGE_TYPES:
+        raise bad_request(
+            f"{param}: unsupported image type {mime or '(none)'!r}; supported: {', '.join(IMAGE_TYPES)}",
+            param,
+            "unsupported_media_type",
+        )
+    if ";base64" not in params:
+        raise bad_request(f"{param}: the data URL must be base64 encoded (data:{mime};base64,...)", param)
+    return decode_base64(payload, limits.image_max_bytes, param, "image")
+
+
 async def _image_bytes(part: dict[str, Any], param: str, limits: MediaLimits, fetch: Fetcher) -> bytes:
     spec = part.get("image_url")
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str) or not url:
         raise bad_request(f"{param}: image_url needs a 'url' string", param)
     if url.startswith("data:"):
-        match = _DATA_URL.match(url)
-        if not match:
-            raise bad_request(f"{param}: malformed data URL (expected data:image/<type>;base64,<data>)", param)
-        mime, params, payload = match.group(1).strip().lower(), match.group(2).lower(), match.group(3)
-        if mime not in IMAGE_TYPES:
-            raise bad_request(
-                f"{param}: unsupported image type {mime or '(none)'!r}; supported: {', '.join(IMAGE_TYPES)}",
-                param,
-                "unsupported_media_type",
-            )
-        if ";base64" not in params:
-            raise bad_request(f"{param}: the data URL must be base64 encoded (data:{mime};base64,...)", param)
-        return decode_base64(payload, limits.image_max_bytes, param, "image")
+        return await _off_loop(_data_url_bytes, len(url), url, param, limits)
     data, content_type = await fetch(url, limits.image_max_bytes, param)
     if content_type and content_type not in IMAGE_TYPES and content_type != "application/octet-stream":
         raise bad_request(
@@ -123,7 +154,7 @@ async def _image_bytes(part: dict[str, Any], param: str, limits: MediaLimits, fe
     return data
 
 
-def _audio_bytes(part: dict[str, Any], param: str, limits: MediaLimits) -> bytes:
+async def _audio_bytes(part: dict[str, Any], param: str, limits: MediaLimits) -> bytes:
     spec = part.get("input_audio")
     if not isinstance(spec, dict):
         raise bad_request(f"{param}: input_audio must be an object {{data, format}}", param)
@@ -134,7 +165,9 @@ def _audio_bytes(part: dict[str, Any], param: str, limits: MediaLimits) -> bytes
             param,
             "unsupported_media_type",
         )
-    return decode_base64(spec.get("data"), limits.audio_max_bytes, param, "audio")
+    data = spec.get("data")
+    size = len(data) if isinstance(data, str) else 0
+    return await _off_loop(decode_base64, size, data, limits.audio_max_bytes, param, "audio")
 
 
 async def parse_messages(messages: Any, limits: MediaLimits, fetch: Fetcher) -> ParsedMessages:
@@ -199,7 +232,123 @@ async def parse_messages(messages: Any, limits: MediaLimits, fetch: Fetcher) -> 
             if media == "image":
                 out.image, out.image_param = await _image_bytes(part, param, limits, fetch), param
             else:
-                out.audio, out.audio_param = _audio_bytes(part, param, limits), param
+                out.audio, out.audio_param = await _audio_bytes(part, param, limits), param
             parts.append({"type": media})
         out.messages.append({"role": role, "content": parts})
     return out
+
+
+def prompt_text_bytes(messages: Any) -> int:
+    """UTF-8 bytes of the text the chat template renders for certain: system and user turns.
+
+    Each string content and each ``text`` part counts without its leading and trailing
+    whitespace (templates such as Llama 3's ``trim`` it); assistant turns do not count
+    (:data:`COUNTED_ROLES`). Anything malformed counts 0: :func:`parse_messages` refuses it.
+    """
+    total = 0
+    for message in messages if isinstance(messages, list) else ():
+        if not isinstance(message, dict) or message.get("role") not in COUNTED_ROLES:
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            texts: list[Any] = [content]
+        elif isinstance(content, list):
+            texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        else:
+            texts = []
+        total += sum(len(t.strip().encode("utf-8", "surrogatepass")) for t in texts if isinstance(t, str))
+    return total
+
+
+def _byte_level_alphabet() -> frozenset[str]:
+    """The 256 characters byte-level BPE writes raw bytes as (GPT-2's table): the printable
+    Latin-1 bytes stand for themselves, the other 68 bytes for U+0100 onwards. A vocabulary
+    string made of them stands for as many bytes of text as it has characters."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    return frozenset([chr(b) for b in printable] + [chr(0x100 + i) for i in range(256 - len(printable))])
+
+
+#: Pre-tokenizers that split the text without dropping any of it.
+_KEEPING_PRE_TOKENIZERS = frozenset({"ByteLevel", "Metaspace", "Digits", "Split", "Punctuation"})
+
+
+def _drops_text(pre: dict[str, Any] | None) -> str | None:
+    """Why a pre-tokenizer can make text vanish (whitespace splitters, ``Removed`` splits), or None."""
+    if pre is None:
+        return None
+    kind = pre.get("type")
+    if kind == "Sequence":
+        return next((r for r in map(_drops_text, pre.get("pretokenizers", [])) if r), None)
+    if kind not in _KEEPING_PRE_TOKENIZERS:
+        return f"pre-tokenizer {kind} may drop text"
+    if pre.get("behavior") == "Removed":
+        return f"pre-tokenizer {kind} removes what it splits on"
+    return None
+
+
+def _shrinks_text(norm: dict[str, Any] | None) -> str | None:
+    """Why a normalizer can make the text shorter in bytes (Unicode composition, stripping...), or None."""
+    if norm is None:
+        return None
+    kind = norm.get("type")
+    if kind == "Sequence":
+        return next((r for r in map(_shrinks_text, norm.get("normalizers", [])) if r), None)
+    if kind == "Prepend":
+        return None
+    if kind == "Replace":
+        pattern = (norm.get("pattern") or {}).get("String")
+        if isinstance(pattern, str) and len(str(norm.get("content", "")).encode()) >= len(pattern.encode()):
+            return None
+    return f"normalizer {kind} may shorten the text"
+
+
+def longest_token_bytes(tokenizer_json: Path) -> int | None:
+    """The most bytes of text one token can stand for, read from a Hugging Face ``tokenizer.json``.
+
+    Every token covers a piece of the normalized, pre-tokenized text, and the pieces cover
+    all of it, so a text of ``B`` bytes is at least ``ceil(B / L)`` tokens when ``L`` is at
+    least the bytes of every vocabulary entry and added token. Byte-level vocabularies
+    (``ByteLevel`` pre-tokenizer) count one byte per character of the entry; any other entry
+    counts its UTF-8 bytes, which is never less than the text it covers (``▁`` for a space,
+    ``<0xNN>`` for one byte). That holds only when nothing shrinks or drops text on the way,
+    so the bound is refused (None, with a warning) for tokenizers where something can: a
+    normalizer other than ``Prepend`` / a lengthening ``Replace``, a pre-tokenizer that drops
+    text, added tokens that swallow whitespace (``lstrip`` / ``rstrip``), a model other than
+    BPE, or an unknown-token that fuses runs of unknown characters.
+
+    Args:
+        tokenizer_json: The bundle's ``llm/tokenizer.json``.
+
+    Returns:
+        ``L``, or None when no such bound holds for this tokenizer (or the file is missing).
+    """
+    try:
+        spec = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        LOGGER.warning("no prompt length bound in the front door: cannot read %s (%s)", tokenizer_json, err)
+        return None
+    model = spec.get("model") or {}
+    added = spec.get("added_tokens") or []
+    reason = _shrinks_text(spec.get("normalizer")) or _drops_text(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE":
+        reason = reason or f"model {model.get('type')} can map long words to one unknown token"
+    elif model.get("unk_token") and model.get("fuse_unk") and not model.get("byte_fallback"):
+        reason = reason or "runs of unknown characters fuse into one token"
+    if any(token.get("lstrip") or token.get("rstrip") for token in added):
+        reason = reason or "an added token strips the whitespace beside it"
+    if reason:
+        LOGGER.warning("no prompt length bound in the front door for %s: %s", tokenizer_json, reason)
+        return None
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    alphabet = _byte_level_alphabet() if byte_level else frozenset()
+
+    def size(text: str) -> int:
+        if byte_level and all(ch in alphabet for ch in text):
+            return len(text)
+        return len(text.encode("utf-8"))
+
+    vocab = model.get("vocab") or {}
+    longest = max([size(t) for t in vocab] + [len(str(t.get("content", "")).encode("utf-8")) for t in added], default=0)
+    if model.get("unk_token"):
+        longest = max(longest, 4)  # one unknown character: at most 4 bytes
+    return longest or None

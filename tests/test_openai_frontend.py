@@ -139,9 +139,17 @@ def _whole_chars(client: ChatClient, builder: PromptBuilder, prompt: str | None,
     pytest.skip(f"no prefix of {ids} ends on a whole character")
 
 
-def test_models_and_health(frontend: FrontDoor) -> None:
+def test_models_and_health(frontend: FrontDoor, oai: "openai.OpenAI") -> None:
+    import openai
+
     models = httpx.get(f"{frontend.url}/v1/models", timeout=10).json()
     assert [m["id"] for m in models["data"]] == ["tiny-mm"]
+    # One model by id, as OpenAI and vLLM answer it; another id is an OpenAI-shaped 404.
+    assert httpx.get(f"{frontend.url}/v1/models/tiny-mm", timeout=10).json() == models["data"][0]
+    assert oai.models.retrieve("tiny-mm").id == "tiny-mm"
+    with pytest.raises(openai.NotFoundError) as missing:
+        oai.models.retrieve("gpt-4o")
+    assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
     health = httpx.get(f"{frontend.url}/health", timeout=60)
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
@@ -268,7 +276,7 @@ def _bad_cases(media: tuple[bytes, bytes], spec: "ModelSpec") -> list[tuple[str,
         ("negative max_tokens", {**user({"type": "text", "text": "hi"}), "max_tokens": -1}, "max_tokens",
          "max_tokens=-1: must be at least 1"),
         ("negative temperature", {**user({"type": "text", "text": "hi"}), "temperature": -1}, "temperature",
-         "temperature: input 'temperature': -1.0 must be a finite number >= 0"),
+         "temperature=-1.0: must be within 0..2"),
         ("tool role", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role",
          "messages[0]: role 'tool' is not supported"),
         ("messages missing", {"model": "m"}, "messages", "messages: Field required"),
@@ -348,9 +356,13 @@ def _abandon_and_check_cancelled(frontend: FrontDoor, server: TritonServer, leav
     """``leave`` sends a 256-token ``ignore_eos`` request and goes away before the end; then check
     that the front door cancelled it and the engine stopped early and freed its slot."""
     engine = lambda name: metric_sum(scrape_metrics(server.metrics_url), name) or 0.0  # noqa: E731
+    status = lambda code: frontend.metrics().get(  # noqa: E731
+        f'mmtriton_openai_requests_total{{endpoint="/v1/chat/completions",status="{code}"}}', 0.0
+    )
     cancelled_before = engine("mmtriton_engine_requests_cancelled_total")
     tokens_before = engine("mmtriton_engine_step_sequences_total")
     door_before = frontend.metrics().get("mmtriton_openai_streams_cancelled_total", 0.0)
+    left_before, failed_before = status(499), status(500)
     leave({"model": "m", "messages": [{"role": "user", "content": "Tell me a very long story."}],
            "max_tokens": 256, "ignore_eos": True})
     assert _wait(lambda: engine("mmtriton_engine_requests_in_flight") == 0)
@@ -360,6 +372,9 @@ def _abandon_and_check_cancelled(frontend: FrontDoor, server: TritonServer, leav
     assert _wait(lambda: engine("mmtriton_engine_requests_cancelled_total") == cancelled_before + 1)
     assert engine("mmtriton_engine_step_sequences_total") - tokens_before < 256
     assert frontend.metrics()["mmtriton_openai_requests_in_flight"] == 0
+    # The request is counted as the client's leaving (499), not as a failure.
+    assert _wait(lambda: status(499) == left_before + 1)
+    assert status(500) == failed_before
 
 
 def test_closed_stream_cancels_its_triton_request(frontend: FrontDoor, server: TritonServer) -> None:
