@@ -27,6 +27,7 @@ from build_engines.ensembles import check_wiring
 from build_engines.render import PROFILES, python_engine_parameters, render_repository, verify_repository
 from build_engines.stack import load_stack
 from mmtriton.spec import ModelSpec, load_spec
+from tests.conftest import compose_ports
 from tests.test_gpu_trtllm_profile import APT_HINT, _compose_validator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -329,19 +330,8 @@ def test_triton_endpoints_are_published_on_loopback_only() -> None:
     """Triton 2.51's own endpoints do not survive every hostile input (a deeply nested JSON body
     crashes its HTTP endpoint): compose publishes them on the host's loopback only, while the front
     door, the public API, listens on every interface."""
-    def bindings(service: dict) -> list[tuple[str, int]]:
-        """(host address, container port) per published port, in either of compose's spellings."""
-        out = []
-        for port in service["ports"]:
-            if isinstance(port, dict):
-                out.append((port.get("host_ip") or "0.0.0.0", int(port["target"])))
-            else:
-                parts = str(port).split(":")
-                out.append((parts[0] if len(parts) == 3 else "0.0.0.0", int(parts[-1].split("/")[0])))
-        return out
-
     services = compose_config({})["services"]
     for name in ("triton", "triton-vllm"):
-        published = bindings(services[name])
+        published = [(host, target) for host, _, target in compose_ports(services[name])]
         assert sorted(published) == [("127.0.0.1", 8000), ("127.0.0.1", 8001), ("127.0.0.1", 8002)], (name, published)
-    assert bindings(services["openai-vllm"]) == [("0.0.0.0", 9000)]
+    assert compose_ports(services["openai-vllm"]) == [("0.0.0.0", 9000, 9000)]

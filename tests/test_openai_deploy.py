@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from build_engines.stack import load_stack
+from tests.conftest import compose_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK = load_stack()
@@ -116,13 +117,13 @@ def test_compose_front_door_wiring(compose: dict, service: str, triton: str) -> 
     assert door["build"]["dockerfile"] == "Dockerfile.openai"
     command = door["command"]
     assert int(_arg(command, "--port")) == PORT and _arg(command, "--host") == "0.0.0.0"
-    published = {(int(p["target"]), int(p["published"])) for p in door["ports"]}
+    published = {(target, port) for _, port, target in compose_ports(door)}
     assert (PORT, PORT) in published
     assert f"localhost:{PORT}/health" in " ".join(door["healthcheck"]["test"])
     host, grpc_port = _arg(command, "--triton-url").split(":")
     assert host == triton
     assert door["depends_on"][triton]["condition"] == "service_healthy"
-    triton_targets = {int(p["target"]) for p in compose["services"][triton]["ports"]}
+    triton_targets = {target for _, _, target in compose_ports(compose["services"][triton])}
     assert int(grpc_port) in triton_targets  # the gRPC port the Triton service publishes
     assert door.get("read_only") is True
     assert _arg(command, "--bundle").startswith("/workspace/build/bundles/")
