@@ -229,7 +229,7 @@ def test_vllm_services_match_the_stack_and_carry_health_and_shm() -> None:
     ]  # fmt: skip
     assert server["depends_on"] == {"build-vllm-repo": {"condition": "service_completed_successfully"}}
     assert server["shm_size"] == "8gb" and server["ulimits"] == {"memlock": -1, "stack": 67108864}
-    assert {(p["published"], p["target"]) for p in server["ports"]} == {(8000, 8000), (8001, 8001), (8002, 8002)}
+    assert sorted(compose_ports(server)) == [("127.0.0.1", p, p) for p in (8000, 8001, 8002)]
     health = server["healthcheck"]
     assert health["test"][:4] == ["CMD", "python3", "-m", "mmtriton.probe"]
     deadline = float(health["test"][health["test"].index("--deadline-s") + 1])
