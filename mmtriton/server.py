@@ -572,8 +572,10 @@ class TritonServer:
         proc = self.process
         if proc is None:
             return None
-        # A server that died by itself (a crash) leaves its stubs' regions behind; they carry this
-        # instance's own prefix, so once its session is gone nobody else can be using them.
+        # A server that died by itself (a crash), or whose stop needed SIGKILL for it or its stubs,
+        # leaves its stubs' regions behind; they carry this instance's own prefix, so once its
+        # session is gone nobody else can be using them. After a clean stop they are left for
+        # leftover_shm() to report: there they would be a leak.
         crashed = proc.poll() is not None
         if not crashed:
             proc.send_signal(signal.SIGTERM)
@@ -593,8 +595,9 @@ class TritonServer:
             while session_processes(proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
         self.process = None
+        unclean = crashed or bool(stragglers) or proc.returncode != 0
         leaked = self.leftover_shm()
-        if leaked and (remove_shm or crashed):
+        if leaked and (remove_shm or unclean):
             for path in leaked:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
@@ -602,7 +605,9 @@ class TritonServer:
                 "removed %d shared-memory region(s) tritonserver pid %d left after %s: %s",
                 len(leaked),
                 proc.pid,
-                f"it exited by itself with code {proc.returncode}" if crashed else "a failed start",
+                "a failed start" if remove_shm else
+                f"it {'exited by itself' if crashed else 'was stopped'} with code {proc.returncode}"
+                + (" and its stubs had to be killed" if stragglers else ""),
                 " ".join(str(p) for p in leaked),
             )
         elif leaked:

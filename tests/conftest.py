@@ -26,6 +26,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         _failures.append(item.nodeid)
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when a server it started left a shared-memory region behind.
+
+    Every :class:`mmtriton.server.TritonServer` names its python-backend regions
+    ``mmtriton_<pid of the process that made it>_...``; the tests make theirs in this process.
+    """
+    from mmtriton.server import SHM_DIR
+
+    left = sorted(p.name for p in SHM_DIR.glob(f"mmtriton_{os.getpid()}_*")) if SHM_DIR.is_dir() else []
+    if left:
+        sys.stderr.write(f"\nerror: the tests left {len(left)} shared-memory region(s) in {SHM_DIR}: {' '.join(left)}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def spec() -> ModelSpec:
     return load_spec(SPEC_PATH)
