@@ -25,8 +25,6 @@ K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("vllm-1gpu", "vllm-tp2", "trtllm-tp2")
 #: The Kubernetes minor whose schemas validate the objects (that of kubectl v1.32 here).
 KUBE_VERSION = "1.32.0"
-#: The dashboard lies outside the Kustomize root (monitoring/grafana/dashboards).
-KUSTOMIZE_ARGS = ("kustomize", "--load-restrictor=LoadRestrictionsNone")
 
 Obj = dict[str, Any]
 
@@ -41,9 +39,8 @@ def kubectl() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _render_text(folder: str) -> str:
-    result = subprocess.run(
-        [kubectl(), *KUSTOMIZE_ARGS, folder], capture_output=True, text=True, timeout=120, check=False
-    )
+    # Plain, as operators run it (kubectl apply -k): Kustomize's default load restrictor applies.
+    result = subprocess.run([kubectl(), "kustomize", folder], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, f"kubectl kustomize {folder} failed:\n{result.stderr}"
     return result.stdout
 

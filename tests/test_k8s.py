@@ -1,6 +1,7 @@
 """The Kubernetes deployment (``deploy/k8s``), checked without a cluster.
 
-- Every overlay renders with ``kubectl kustomize`` and every object validates offline:
+- Every overlay renders with plain ``kubectl kustomize`` / ``kubectl apply -k`` (no load
+  restrictor flag: no Kustomization reads a file outside its folder) and every object validates offline:
   built-in kinds against the Kubernetes API's JSON schemas (``kubernetes-validate``,
   strict), the ``PodMonitor`` CRD structurally (``tests/k8s_checks.py``).
 - The checks the compose files have: GPUs = tensor parallel size (spec, render plan, the
@@ -29,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -69,6 +71,8 @@ STACK = load_stack()
 SPECS = ROOT / "build_engines" / "specs"
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "triton.json"
+#: The monitoring Kustomization's own copy of DASHBOARD (Kustomize reads no file outside its folder).
+DASHBOARD_COPY = K8S / "monitoring" / "triton.json"
 REPORT = k8s_capacity.DEFAULT_REPORT
 #: overlay -> (profile, spec name, compose service it translates)
 OVERLAY_SPECS = {
@@ -185,6 +189,89 @@ def test_kustomize_refuses_a_broken_overlay(tmp_path: Path) -> None:
     (broken / "kustomization.yaml").write_text(f"resources:\n  - {base}\npatches:\n  - path: missing.yaml\n")
     result = subprocess.run([kubectl(), "kustomize", str(broken)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "missing.yaml" in result.stderr
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _apply_k(folder: Path, tmp_path: Path) -> tuple[str, str]:
+    """(stderr, API server address) of ``kubectl apply -k folder --dry-run=client`` with no cluster.
+
+    kubectl builds the Kustomization before it calls the server: a folder that builds fails only
+    when it connects (the error names the address); one that needs a load restrictor fails before.
+    """
+    server = f"127.0.0.1:{_closed_port()}"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "none", "cluster": {"server": f"https://{server}", "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "none", "user": {"token": "none"}}],
+        "contexts": [{"name": "none", "context": {"cluster": "none", "user": "none"}}],
+        "current-context": "none",
+    }
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
+    argv = [kubectl(), "apply", "-k", str(folder), "--dry-run=client", "--validate=false", "-o", "name",
+            "--cache-dir", str(tmp_path / "cache")]
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig")}
+    result = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, "no API server listens there"
+    return result.stderr, server
+
+
+def test_overlays_are_the_folders_under_overlays() -> None:
+    assert sorted(OVERLAYS) == sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_builds_with_plain_kubectl_apply_k(overlay: str, tmp_path: Path) -> None:
+    """The operator's command gets past the build: it fails only at the (absent) API server."""
+    stderr, server = _apply_k(K8S / "overlays" / overlay, tmp_path)
+    assert "is not in or below" not in stderr, stderr
+    assert server in stderr, stderr
+    assert render(overlay)  # and plain kubectl kustomize (every render of this file is plain)
+
+
+def test_plain_kubectl_refuses_a_file_outside_the_kustomization(tmp_path: Path) -> None:
+    """Shows the two checks above can fail: the old layout (a generator reading ../../../monitoring) fails
+    both plain commands; the layout this repository uses now (a copy inside the folder) passes both."""
+    (tmp_path / "dashboard.json").write_text('{"title": "t"}\n')
+    monitoring = tmp_path / "k8s" / "monitoring"
+    overlay = tmp_path / "k8s" / "overlays" / "x"
+    monitoring.mkdir(parents=True)
+    overlay.mkdir(parents=True)
+    (overlay / "kustomization.yaml").write_text("resources:\n  - ../../monitoring\n")
+
+    def write(source: str) -> None:
+        (monitoring / "kustomization.yaml").write_text(
+            f"configMapGenerator:\n  - name: dashboard\n    files:\n      - triton.json={source}\n"
+        )
+
+    def kustomize() -> subprocess.CompletedProcess:
+        return subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+
+    write("../../dashboard.json")
+    result = kustomize()
+    assert result.returncode != 0 and "is not in or below" in result.stderr, result.stderr
+    stderr, server = _apply_k(overlay, tmp_path)
+    assert "is not in or below" in stderr and server not in stderr, stderr
+
+    shutil.copyfile(tmp_path / "dashboard.json", monitoring / "triton.json")
+    write("triton.json")
+    result = kustomize()
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["data"] == {"triton.json": '{"title": "t"}\n'}
+    stderr, server = _apply_k(overlay, tmp_path)
+    assert server in stderr, stderr
+
+
+def test_no_deployment_file_or_guide_asks_for_a_load_restrictor() -> None:
+    flag = re.compile(r"load[-_]?restrict", re.IGNORECASE)
+    files = [p for p in K8S.rglob("*") if p.is_file()]
+    files += [ROOT / "docs" / "kubernetes.md", ROOT / ".ci" / "run", ROOT / "tests" / "k8s_checks.py"]
+    assert [str(p.relative_to(ROOT)) for p in files if flag.search(p.read_text())] == []
 
 
 # --- GPUs, images, repository, compose parity ------------------------------------------------------
@@ -584,8 +671,19 @@ def test_adapter_query_gives_requests_in_flight_per_pod(server, tmp_path: Path) 
 # --- monitoring ----------------------------------------------------------------------------------------
 
 
-def test_dashboard_configmap_is_the_compose_dashboard() -> None:
-    objs = render("trtllm-tp2")
+def test_dashboard_copy_is_the_compose_dashboard_byte_for_byte() -> None:
+    """deploy/k8s/monitoring/triton.json never drifts from the file compose's Grafana loads."""
+    assert DASHBOARD_COPY.read_bytes() == DASHBOARD.read_bytes(), (
+        "the copy differs: cp monitoring/grafana/dashboards/triton.json deploy/k8s/monitoring/"
+    )
+    kustomization = yaml.safe_load((K8S / "monitoring" / "kustomization.yaml").read_text())
+    (generator,) = kustomization["configMapGenerator"]
+    assert generator["files"] == [DASHBOARD_COPY.name]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_dashboard_configmap_is_the_compose_dashboard(overlay: str) -> None:
+    objs = render(overlay)
     config = find(objs, "ConfigMap", "mmtriton-grafana-dashboard")
     assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert config["data"] == {"triton.json": DASHBOARD.read_text()}
@@ -770,13 +868,14 @@ def test_capacity_cli_and_limits(tmp_path: Path) -> None:
 # --- docs ---------------------------------------------------------------------------------------------------------
 
 
-def test_guide_names_every_overlay_and_the_render_flag() -> None:
+def test_guide_names_every_overlay_and_the_apply_command() -> None:
     docs = (ROOT / "docs" / "kubernetes.md").read_text()
     for overlay in OVERLAYS:
         assert f"deploy/k8s/overlays/{overlay}" in docs, overlay
     mentioned = set(re.findall(r"deploy/k8s/overlays/([a-z0-9-]+)", docs))
     assert mentioned <= set(OVERLAYS)
-    assert "--load-restrictor=LoadRestrictionsNone" in docs
+    assert "kubectl apply -k deploy/k8s/overlays/<overlay>" in docs
+    assert "kubectl apply -k $O" in docs
     assert "python -m tools.k8s_capacity" in docs
     target = find(render("vllm-1gpu"), "HorizontalPodAutoscaler", "triton-worker")["spec"]["metrics"][0]
     assert f"averageValue {target['pods']['target']['averageValue']}" in docs
