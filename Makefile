@@ -52,7 +52,7 @@ build-engines: setup ## build the bundle for SPEC and render the PROFILE reposit
 	$(PY) -m build_engines all --spec $(SPEC) --profile $(PROFILE) --build-dir $(BUILD)
 
 samples: setup ## write a sample image and audio clip into build/samples
-	$(PY) -m mmtriton.samples $(SAMPLES)
+	$(PY) -m mmtriton.media.samples $(SAMPLES)
 
 serve: build-engines ## run tritonserver on $(REPO) in the foreground (HTTP 8000, gRPC 8001, metrics 8002)
 	$(PY) -m mmtriton.server --model-repository $(REPO) --work-dir $(BUILD)/server \

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 
 
 def samples() -> dict[str, bytes]:
@@ -41,7 +41,7 @@ def samples() -> dict[str, bytes]:
 def raw_throughput(dali_py: Path, kind: str, data: bytes, batch: int, *, device_id: int | None, threads: int,
                    iterations: int = 10) -> float:
     """Samples/s of the pipeline definition run in-process on full batches (after 2 warm-up batches)."""
-    from mmtriton.dali_runner import load_pipeline_module
+    from mmtriton.media.dali_runner import load_pipeline_module
 
     module = load_pipeline_module(dali_py)
     fn = module.image_preprocess if kind == "image" else module.audio_preprocess

@@ -29,7 +29,7 @@ def run_with_cpu_server(
 
     The server log is kept in the result (``server_log``).
     """
-    from mmtriton.server import TritonServer
+    from mmtriton.serving.server import TritonServer
 
     work_dir = Path(tempfile.mkdtemp(prefix=f"bench-server-{label}-"))
     server = TritonServer(model_repository=repo, work_dir=work_dir, pythonpath=[ROOT])

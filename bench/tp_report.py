@@ -66,7 +66,7 @@ def placement(repo: Path) -> dict[str, Any]:
         group Triton places on every visible GPU; ``device`` is the encoder's ``device``
         parameter or the DALI pipeline's ``device_id`` (what the model's code runs on).
     """
-    from mmtriton.triton_config import parse_model_config
+    from mmtriton.serving.triton_config import parse_model_config
 
     models: dict[str, Any] = {}
     tp = None

@@ -7,11 +7,11 @@ Both sides run the same engine and the same requests:
   ``max_model_len``, tensor parallel size, GPU memory share, CUDA graphs, prefix caching).
 - **Requests** are the benchmark's own workload (:class:`bench.workload.Workload`, same
   seed, same indices ``0..n-1`` at every level). Each prompt goes through the
-  ``preprocessing`` model's :class:`mmtriton.prompting.PromptBuilder` (chat template,
+  ``preprocessing`` model's :class:`mmtriton.llm.prompting.PromptBuilder` (chat template,
   placeholder expansion, fake ids), with prompt-table rows of the sizes the encoders
   produce (``vision.tokens_per_image`` rows per image, ``audio.tokens(frames)`` per
   clip; random values, since the values do not change the work). The vLLM prompt is
-  made from them by :func:`mmtriton.llm_prompts.build_prompts` on the GPU at
+  made from them by :func:`mmtriton.llm.vllm_prompts.build_prompts` on the GPU at
   submission, as the served engine does: token ids for text-only requests,
   embeddings where media rows are.
 
@@ -72,8 +72,8 @@ def read_setup(repo: Path) -> ServedSetup:
         ValueError: The repository's ``tensorrt_llm`` does not run vLLM.
     """
     from mmtriton.spec import spec_from_dict
-    from mmtriton.triton_config import parse_model_config
-    from mmtriton.vllm_engine import engine_settings
+    from mmtriton.serving.triton_config import parse_model_config
+    from mmtriton.llm.vllm_engine import engine_settings
 
     def params(model: str) -> tuple[Any, dict[str, str]]:
         config = parse_model_config((repo / model / "config.pbtxt").read_text(), model)
@@ -106,7 +106,7 @@ class PromptMaker:
     """
 
     def __init__(self, setup: ServedSetup, seed: int = 0) -> None:
-        from mmtriton.prompting import PromptBuilder
+        from mmtriton.llm.prompting import PromptBuilder
 
         self.builder = PromptBuilder.from_parameters(setup.preprocessing)
         self.spec = setup.spec
@@ -132,7 +132,7 @@ async def _run_level(
 ) -> dict[str, Any]:
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-    from mmtriton.llm_prompts import ContractRequest, build_prompts
+    from mmtriton.llm.vllm_prompts import ContractRequest, build_prompts
 
     params = SamplingParams(
         max_tokens=output_tokens, ignore_eos=True, temperature=0.0, detokenize=False, output_kind=RequestOutputKind.DELTA
@@ -166,7 +166,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from mmtriton.vllm_engine import async_engine_args, load_input_embedding
+    from mmtriton.llm.vllm_engine import async_engine_args, load_input_embedding
 
     setup = read_setup(args.repo)
     concurrency = [int(c) for c in args.concurrency.split(",")]

@@ -134,7 +134,7 @@ class Workload:
     """
 
     def __init__(self, tokenizer: Any, settings: BenchSettings, max_prompt_tokens: int, media_pool: int = 4) -> None:
-        from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+        from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 
         self.tokenizer = tokenizer
         self.settings = settings

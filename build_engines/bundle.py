@@ -39,8 +39,8 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 from transformers.utils import logging as hf_logging
 
 from mmtriton.spec import ModelSpec
-from mmtriton.encoders import AudioEncoder, VisionEncoder
-from mmtriton.onnx_runtime import OnnxEncoder
+from mmtriton.encoders.modules import AudioEncoder, VisionEncoder
+from mmtriton.encoders.onnx_runtime import OnnxEncoder
 
 __all__ = ["BUNDLE_FORMAT", "BundleError", "build_bundle", "chat_template", "load_bundle", "relative_error"]
 

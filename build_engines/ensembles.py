@@ -322,7 +322,7 @@ def concurrent_steps(steps: list[mc.ModelEnsembling.Step]) -> list[str]:
     their data: one of the two consumes, directly or through others, what the
     other produces. (A decoupled step and the steps fed by its responses do
     overlap; those are ordered too, and the later ones never fail: see
-    ``mmtriton/cancellation.py``.)
+    ``mmtriton/backend/cancellation.py``.)
 
     Args:
         steps: The ensemble's steps.

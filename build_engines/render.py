@@ -24,7 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from build_engines.ensembles import Ensemble, all_ensembles, build_ensemble, check_wiring
 from build_engines.trtllm_facts import ENGINE_DTYPE_TO_TRITON, all_parameters, check_backend_parameters, parse_bool
 from mmtriton.spec import ModelSpec, prompt_table_rows_per_request, spec_from_dict, with_overrides
-from mmtriton.triton_config import ModelConfigError, parse_model_config
+from mmtriton.serving.triton_config import ModelConfigError, parse_model_config
 
 LOGGER = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def render_template(path: Path, values: dict[str, str]) -> str:
 
 
 def parse_config(text: str, where: str) -> mc.ModelConfig:
-    """Parse a ``config.pbtxt`` with Triton's own protobuf schema (:mod:`mmtriton.triton_config`).
+    """Parse a ``config.pbtxt`` with Triton's own protobuf schema (:mod:`mmtriton.serving.triton_config`).
 
     Raises:
         RenderError: The text is not a valid ``ModelConfig``.
@@ -410,7 +410,7 @@ def render_repository(
         if engines_dir is None:
             raise RenderError("the gpu-trtllm profile needs --engines (the folder python -m build_engines.trtllm_build writes)")
         from build_engines.trtllm_build import plan_gpu_build
-        from mmtriton.engine_folder import EngineConfigError, read_engine_dtype
+        from mmtriton.serving.engine_folder import EngineConfigError, read_engine_dtype
 
         plan = plan_gpu_build(spec, bundle_dir, Path(engines_dir))
         values["engine_dir"] = str(plan.engine_dir.resolve())

@@ -79,7 +79,7 @@ from mmtriton.spec import ModelSpec, SpecError, load_spec, prompt_table_rows_per
 from build_engines.stack import STACK_FILE, Stack, StackError, load_stack
 from build_engines.steps import BuildStep, StepError, StepResult, format_table, is_up_to_date, run_step, stamp_path
 from build_engines.trtllm_facts import head_size_problem
-from mmtriton.engine_folder import EngineConfigError, read_engine_mapping
+from mmtriton.serving.engine_folder import EngineConfigError, read_engine_mapping
 
 LOGGER = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+from mmtriton.contract import input_error_in
 
 
 class ClientError(RuntimeError):
@@ -21,8 +21,6 @@ class InferenceFailedError(ClientError):
     """The server accepted the request but failed to process it."""
 
 
-# Every input error this server raises starts with "input '<name>': " (mmtriton.validation.InputError).
-_INPUT_ERROR = re.compile(r"\binput '[^']+': ")
 
 
 def from_triton_exception(err: Exception) -> ClientError:
@@ -33,7 +31,7 @@ def from_triton_exception(err: Exception) -> ClientError:
     """
     status = str(getattr(err, "status", lambda: "")() or "")
     message = getattr(err, "message", lambda: str(err))() or str(err)
-    if "INVALID_ARGUMENT" in status or status == "400" or (not status and _INPUT_ERROR.search(message)):
+    if "INVALID_ARGUMENT" in status or status == "400" or (not status and input_error_in(message)):
         return InvalidInputError(message)
     if "UNAVAILABLE" in status or "unavailable" in message.lower() or "connect" in message.lower():
         return ServerUnavailableError(message)

@@ -17,9 +17,9 @@ input, :class:`ServerUnavailableError` when it cannot be reached, and
 :class:`InferenceFailedError` for any other server-side failure. An error
 inside a gRPC stream (or an HTTP ``generate_stream`` error event) carries only
 a message, no status code, so there the type comes from the message: this
-server's own input errors (``mmtriton.validation.InputError``, raised by the
+server's own input errors (``mmtriton.media.validation.InputError``, raised by the
 preprocess/check models and by the ``preprocessing`` model's prompt and
-sampling checks in ``mmtriton.prompting``) all start with ``input '<name>': ``
+sampling checks in ``mmtriton.llm.prompting``) all start with ``input '<name>': ``
 and become :class:`InvalidInputError`; any other stream error becomes
 :class:`InferenceFailedError`::
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import queue
-import re
 import time
 import urllib.error
 import urllib.request
@@ -44,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from mmtriton.contract import CHAT_MESSAGES, LLM_MODEL, chat_ensemble, stop_request_values
+from mmtriton.contract import CHAT_MESSAGES, LLM_MODEL, chat_ensemble, input_error_in, stop_request_values
 from clients.errors import (
     ClientError,
     InferenceFailedError,
@@ -52,11 +51,6 @@ from clients.errors import (
     ServerUnavailableError,
     from_triton_exception,
 )
-
-
-#: How every input error of this server begins (``mmtriton.validation.InputError``); Triton may put the
-#: ensemble step or request id in front, so it is matched after a start, space, colon or bracket.
-_INPUT_ERROR_MESSAGE = re.compile(r"(?:^|[\s:\]])input '[^']+': ")
 
 
 def stream_error(error: Exception | str) -> ClientError:
@@ -82,7 +76,7 @@ def stream_error(error: Exception | str) -> ClientError:
         message = getattr(error, "message", lambda: None)() or str(error)
     else:
         message = error
-    if _INPUT_ERROR_MESSAGE.search(message):
+    if input_error_in(message):
         return InvalidInputError(message)
     return InferenceFailedError(message)
 

@@ -8,6 +8,8 @@ fails at import or render time instead of at the first request. The standard lib
 
 from __future__ import annotations
 
+import re
+
 # Ensembles, one per input combination (a Triton ensemble cannot skip a step).
 EMBED_IMAGE = "embed_image"
 EMBED_AUDIO = "embed_audio"
@@ -40,7 +42,7 @@ CHAT_INPUTS = (
 #: The optional alternative to ``text_input``: a whole conversation as UTF-8 JSON
 #: (``{"messages": [{"role": ..., "content": str | [parts]}], "enable_thinking": bool}``;
 #: media parts are ``{"type": "image"}`` / ``{"type": "audio"}``), rendered once with the
-#: tokenizer's chat template by the ``preprocessing`` model (``mmtriton.prompting``).
+#: tokenizer's chat template by the ``preprocessing`` model (``mmtriton.llm.prompting``).
 CHAT_MESSAGES = "messages"
 CHAT_OUTPUTS = ("text_output", "output_ids", "num_input_tokens", "num_output_tokens")
 
@@ -84,3 +86,52 @@ def embed_ensemble(has_image: bool, has_audio: bool) -> str:
     if not (has_image or has_audio):
         raise ValueError("an embed request needs an image, an audio clip or both")
     return {(True, False): EMBED_IMAGE, (False, True): EMBED_AUDIO}.get((bool(has_image), bool(has_audio)), EMBED_IMAGE_AUDIO)
+
+
+class InputError(ValueError):
+    """A request input is unusable; the message is meant for the client.
+
+    Its text always begins ``input '<name>': `` (see :func:`input_error_in`), which is how
+    a client tells the client's fault from the server's when no status code comes with it.
+
+    Attributes:
+        input_name: The request input the error is about.
+    """
+
+    def __init__(self, input_name: str, message: str) -> None:
+        super().__init__(f"input '{input_name}': {message}")
+        self.input_name = input_name
+
+    def detached(self) -> InputError:
+        """This error without its traceback and chained exceptions, for keeping after the ``except``.
+
+        A caught exception's traceback holds the frames it passed through, and with them
+        every local of those frames: the payload being checked, and the list the error is
+        then stored in. Kept as it is, the error and that list form a reference cycle that
+        keeps a refused request's payload (and its Triton input buffers) alive until the
+        cyclic garbage collector happens to run, which large byte arrays never trigger.
+        """
+        self.__traceback__ = None
+        self.__context__ = None
+        self.__cause__ = None
+        return self
+
+
+#: Where an :class:`InputError`'s text begins in a message: Triton may put the ensemble step
+#: (``in ensemble 'chat_image', ``) or a request id (``[request id: 7] ``) in front of it.
+_INPUT_ERROR_TEXT = re.compile(r"(?:^|(?<=[\s:\]]))input '([^']+)': ")
+
+
+def input_error_in(message: str) -> tuple[str, str] | None:
+    """The input an error message of this server blames, and the message from that point on.
+
+    The one reader of :class:`InputError` text, for every client (the client library, the
+    front door) that gets a message without a status code.
+
+    Returns:
+        ``(input name, "input '<name>': ...")``, or None when the message is not an input error.
+    """
+    match = _INPUT_ERROR_TEXT.search(message)
+    if match is None:
+        return None
+    return match.group(1), message[match.start() :]

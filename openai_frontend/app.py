@@ -5,7 +5,7 @@ Endpoints:
 - ``POST /v1/chat/completions``: streamed (server-sent events, ``data: [DONE]``,
   ``stream_options.include_usage``) or whole;
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the one served model;
-- ``GET /health``: 200 only when Triton answers real inference (``mmtriton.probe``);
+- ``GET /health``: 200 only when Triton answers real inference (``mmtriton.serving.probe``);
 - ``GET /metrics``: Prometheus text (:mod:`openai_frontend.metrics`).
 
 Every request is checked here first (message roles, content parts, media counts and
@@ -763,7 +763,7 @@ def create_app(config: FrontendConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        from mmtriton.probe import ProbeFailed, probe
+        from mmtriton.serving.probe import ProbeFailed, probe
 
         async with health_lock:
             checked, ok, reason = state["health"]

@@ -22,8 +22,8 @@ import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
 
-from clients.errors import InvalidInputError
-from clients.llm import Chunk, grpc_chunk, stream_error
+from clients.llm import Chunk, grpc_chunk
+from mmtriton.contract import input_error_in
 from openai_frontend.errors import APIError
 
 LOGGER = logging.getLogger(__name__)
@@ -68,12 +68,11 @@ def infer_request(model: str, values: dict[str, np.ndarray], request_id: str) ->
 
 
 def _typed(message: str) -> TritonError:
-    error = stream_error(message)
-    if isinstance(error, InvalidInputError):
-        start = message.find("input '")
-        name = message[start + 7 : message.find("'", start + 7)] if start >= 0 else None
-        return TritonError(message[start:] if start >= 0 else message, True, name)
-    return TritonError(message, False)
+    found = input_error_in(message)
+    if found is None:
+        return TritonError(message, False)
+    name, text = found
+    return TritonError(text, True, name)
 
 
 class _Channel:

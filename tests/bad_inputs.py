@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 
 from mmtriton.spec import ModelSpec
-from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 
 
 def _huge_png_header(width: int, height: int) -> bytes:

@@ -29,10 +29,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run when a server it started left a shared-memory region behind.
 
-    Every :class:`mmtriton.server.TritonServer` names its python-backend regions
+    Every :class:`mmtriton.serving.server.TritonServer` names its python-backend regions
     ``mmtriton_<pid of the process that made it>_...``; the tests make theirs in this process.
     """
-    from mmtriton.server import SHM_DIR
+    from mmtriton.serving.server import SHM_DIR
 
     left = sorted(p.name for p in SHM_DIR.glob(f"mmtriton_{os.getpid()}_*")) if SHM_DIR.is_dir() else []
     if left:
@@ -67,7 +67,7 @@ def builder(bundle_dir: Path, spec: ModelSpec) -> "PromptBuilder":
     """The preprocessing model's prompt builder for the tiny bundle, in-process."""
     import json
 
-    from mmtriton.prompting import PromptBuilder
+    from mmtriton.llm.prompting import PromptBuilder
 
     bundle = json.loads((bundle_dir / "bundle.json").read_text())
     return PromptBuilder(
@@ -91,7 +91,7 @@ def cpu_repo(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="session")
 def image_pre(cpu_repo: Path) -> "ImagePreprocessor":
     """The CPU repository's image pipeline, run in-process."""
-    from mmtriton.media_preprocess import ImagePreprocessor
+    from mmtriton.media.preprocess import ImagePreprocessor
 
     return ImagePreprocessor(cpu_repo / "image_preprocess" / "1" / "dali.py")
 
@@ -99,7 +99,7 @@ def image_pre(cpu_repo: Path) -> "ImagePreprocessor":
 @pytest.fixture(scope="session")
 def audio_pre(cpu_repo: Path) -> "AudioPreprocessor":
     """The CPU repository's audio pipeline, run in-process."""
-    from mmtriton.media_preprocess import AudioPreprocessor
+    from mmtriton.media.preprocess import AudioPreprocessor
 
     return AudioPreprocessor(cpu_repo / "audio_preprocess" / "1" / "dali.py")
 
@@ -110,7 +110,7 @@ def server(cpu_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
     If any test failed, the tail of the server log is shown at the end.
     """
-    from mmtriton.server import TritonServer
+    from mmtriton.serving.server import TritonServer
 
     srv = TritonServer(
         model_repository=cpu_repo,
@@ -143,7 +143,7 @@ def client(grpc_url: str) -> "ChatClient":
 @pytest.fixture(scope="session")
 def media() -> tuple[bytes, bytes]:
     """A 320x240 JPEG and a 1.5 s 16 kHz WAV."""
-    from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+    from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 
     return (
         encode_image(synthetic_image(320, 240, seed=21), "JPEG"),
@@ -163,12 +163,12 @@ def cpu_server_metric_names(server: "TritonServer") -> set[str]:
 
 
 def probe_server(cpu_repo: Path, work_dir: Path) -> "TritonServer":
-    """A server of its own (not started) with only what ``mmtriton.probe`` uses loaded.
+    """A server of its own (not started) with only what ``mmtriton.serving.probe`` uses loaded.
 
     For liveness tests that freeze one of its stubs: the python backend aborts the whole
     server when a stopped stub is resumed, so such a server is never shared.
     """
-    from mmtriton.server import TritonServer
+    from mmtriton.serving.server import TritonServer
 
     return TritonServer(
         model_repository=cpu_repo,

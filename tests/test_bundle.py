@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from build_engines.bundle import BundleError, build_bundle, load_bundle, relative_error
 from mmtriton.spec import ModelSpec, load_spec
-from mmtriton.encoders import AudioEncoder, VisionEncoder
-from mmtriton.onnx_runtime import OnnxEncoder
+from mmtriton.encoders.modules import AudioEncoder, VisionEncoder
+from mmtriton.encoders.onnx_runtime import OnnxEncoder
 
 REPO = Path(__file__).parents[1]
 SPECIAL_TOKENS = [

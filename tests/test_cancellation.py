@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmtriton.cancellation import StopForwarder
-from mmtriton.probe import tiny_png
+from mmtriton.backend.cancellation import StopForwarder
+from mmtriton.serving.probe import tiny_png
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def test_stub_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
         sys.path.insert(0, {str(ROOT)!r})
         child = os.fork()
         if child == 0:
-            from mmtriton.stub_watchdog import exit_with_parent
+            from mmtriton.backend.stub_watchdog import exit_with_parent
             exit_with_parent(poll_s=0.1)
             open({str(pid_file)!r}, "w").write(str(os.getpid()))
             time.sleep(60)

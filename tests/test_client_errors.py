@@ -8,7 +8,7 @@ from tritonclient.utils import InferenceServerException
 from mmtriton.spec import ModelSpec
 from clients.errors import InferenceFailedError, InvalidInputError, ServerUnavailableError
 from clients.llm import ChatClient, Sampling, stream_error
-from mmtriton.server import TritonServer
+from mmtriton.serving.server import TritonServer
 from tests.bad_inputs import bad_audio, bad_images
 
 
@@ -31,7 +31,7 @@ def test_bad_audio_and_bad_sampling_over_grpc_streaming_are_invalid_input(client
     payload, expected = bad_audio(spec)["truncated_wav"]
     with pytest.raises(InvalidInputError, match=expected):
         list(client.stream("Listen", audio=payload, sampling=Sampling(max_tokens=4)))
-    # The preprocessing model's own checks (mmtriton.prompting) come through the same stream.
+    # The preprocessing model's own checks (mmtriton.llm.prompting) come through the same stream.
     with pytest.raises(InvalidInputError, match="input 'max_tokens': 0 is outside 1..256"):
         list(client.stream("hi", sampling=Sampling(max_tokens=0)))
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from mmtriton.engine import Engine, GenerationRequest
+from mmtriton.llm.generation import GenerationRequest
+from mmtriton.llm.transformers_engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "build" / "bundles" / "tiny-mm"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 
 torch = pytest.importorskip("torch")
 pytestmark = [
@@ -42,7 +42,7 @@ GPU_MFCC_ATOL = 5e-3
 
 
 def test_gpu_image_preprocessing_matches_cpu(cpu_repo: Path, gpu_hf_repo: Path) -> None:
-    from mmtriton.media_preprocess import ImagePreprocessor
+    from mmtriton.media.preprocess import ImagePreprocessor
 
     cpu = ImagePreprocessor(cpu_repo / "image_preprocess" / "1" / "dali.py")
     gpu = ImagePreprocessor(gpu_hf_repo / "image_preprocess" / "1" / "dali.py")
@@ -65,7 +65,7 @@ def test_gpu_mfcc_matches_cpu(cpu_repo: Path, gpu_hf_repo: Path, spec) -> None:
     H200): there each device is held to the band-limited numpy reference with the CPU
     tests' fractional-rate tolerance instead.
     """
-    from mmtriton.media_preprocess import AudioPreprocessor
+    from mmtriton.media.preprocess import AudioPreprocessor
     from tests.reference import mfcc_reference_bandlimited
     from tests.test_preprocess import _mfcc_kwargs
     from tests.test_resample import RESAMPLER_SPEC, mfcc_tolerance
@@ -90,7 +90,7 @@ def test_gpu_mfcc_matches_cpu(cpu_repo: Path, gpu_hf_repo: Path, spec) -> None:
 
 @pytest.fixture(scope="module")
 def gpu_hf_server(gpu_hf_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator["TritonServer"]:
-    from mmtriton.server import TritonServer
+    from mmtriton.serving.server import TritonServer
     from tests.conftest import ROOT
 
     srv = TritonServer(model_repository=gpu_hf_repo, work_dir=tmp_path_factory.mktemp("cuda-server"), pythonpath=[ROOT])

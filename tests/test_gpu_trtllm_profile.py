@@ -26,10 +26,10 @@ import pytest
 import yaml
 
 from build_engines import trtllm_build as gpu
-from mmtriton import engine_folder
+from mmtriton.serving import engine_folder
 from mmtriton.spec import ModelSpec, load_spec
 from build_engines.stack import StackError, load_stack
-from mmtriton import tp_launcher
+from mmtriton.serving import tp_launcher
 from tests.conftest import compose_ports
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -158,7 +158,7 @@ def test_dockerfile_matches_the_stack() -> None:
     check = text[text.rindex("RUN python3 -c") :]
     assert f"open('/workspace/{vllm.requirements}')" in check and "assert not bad, bad" in check
     assert "torch.version.cuda == '${TORCH_CUDA}'" in check and "found['vllm'] == '${VLLM_VERSION}'" in check
-    for module in ("vllm", "nvidia.dali", "tritonclient.grpc.model_config_pb2", "mmtriton.vllm_engine"):
+    for module in ("vllm", "nvidia.dali", "tritonclient.grpc.model_config_pb2", "mmtriton.llm.vllm_engine"):
         assert module in check, module
 
 

@@ -26,11 +26,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from tritonclient.utils import InferenceServerException
 
 from clients.llm import ChatClient, Sampling, grpc_inputs, request_values
-from mmtriton.samples import encode_image, synthetic_image
-from mmtriton.server import TritonServer
+from mmtriton.media.samples import encode_image, synthetic_image
+from mmtriton.serving.server import TritonServer
 from mmtriton.spec import ModelSpec
 from tests.bad_inputs import strip_png
 from tests.test_server_robustness import rss_mib
@@ -194,7 +193,7 @@ def test_the_text_bound_never_refuses_a_prompt_that_fits(builder: "PromptBuilder
     """The size bound is a proof, not a guess: text made only of the tokenizer's longest token, as many
     times as the engine takes, is exactly at the bound and tokenizes to no more than max_input_len
     tokens; one byte more than the bound is refused before tokenizing."""
-    from mmtriton.validation import InputError
+    from mmtriton.contract import InputError
 
     vocab = builder.tokenizer.get_vocab()
     longest = max(vocab, key=lambda t: len(t.encode("utf-8")))

@@ -45,7 +45,7 @@ import yaml
 
 from build_engines.render import PROFILES, python_engine_parameters, render_repository, verify_repository
 from build_engines.stack import load_stack
-from mmtriton import tp_launcher
+from mmtriton.serving import tp_launcher
 from mmtriton.spec import load_spec
 from tests.conftest import probe_server, stub_pid
 from tests.k8s_checks import (
@@ -316,7 +316,7 @@ def test_gpus_equal_tensor_parallel_size(overlay: str, tmp_path: Path) -> None:
         given = tp_launcher.given_gpus(arg(command, "--gpus"), env={})
         assert given is not None
         mapping = write_fake_engine(tmp_path / "engine", tp=plan.llm.tp_size, pp=plan.llm.pp_size)
-        from mmtriton import engine_folder
+        from mmtriton.serving import engine_folder
 
         world = engine_folder.read_engine_mapping(mapping).world_size
         assert gpus == len(given) == plan.llm.world_size == world == 2
@@ -751,7 +751,7 @@ def test_front_door_targets_the_headless_worker_service(overlay: str) -> None:
 def test_front_door_client_reaches_triton_through_a_dns_target(server) -> None:  # noqa: ANN001
     """TritonChat and the /health probe accept the dns:/// form the manifests give."""
     from clients.llm import Sampling, request_values
-    from mmtriton.probe import probe
+    from mmtriton.serving.probe import probe
     from openai_frontend.triton import TritonChat
 
     port = server.grpc_url.rsplit(":", 1)[1]

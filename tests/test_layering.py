@@ -25,7 +25,7 @@ ALLOWED = {
     "tools": {"mmtriton", "clients", "bench", "build_engines"},
     # The OpenAI front door: an application of the clients, plus the contract's names and the
     # real-inference probe (its image has no torch, transformers or DALI).
-    "openai_frontend": {"mmtriton.contract", "mmtriton.probe", "clients"},
+    "openai_frontend": {"mmtriton.contract", "mmtriton.serving.probe", "clients"},
 }
 
 

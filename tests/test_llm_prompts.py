@@ -1,4 +1,4 @@
-"""Contract tensors -> engine prompts (mmtriton/llm_prompts.py), on the tiny bundle's real tensors.
+"""Contract tensors -> engine prompts (mmtriton/llm/vllm_prompts.py), on the tiny bundle's real tensors.
 
 The prompts come from the real ``preprocessing`` logic (chat template, placeholders,
 fake ids, prompt table) and the bundle's real input embedding; the reference resolves
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmtriton.llm_prompts import EMBEDS_KEY, TOKEN_IDS_KEY, ContractRequest, PromptError, build_prompts
-from mmtriton.prompting import PromptBuilder
+from mmtriton.llm.vllm_prompts import EMBEDS_KEY, TOKEN_IDS_KEY, ContractRequest, PromptError, build_prompts
+from mmtriton.llm.prompting import PromptBuilder
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from bench.triton_stats import metric_sum, scrape_metrics
-from mmtriton.server import TritonServer
+from mmtriton.serving.server import TritonServer
 from tests.conftest import BUILD
 from tests.test_openai_frontend import FrontDoor
 

@@ -158,7 +158,7 @@ def test_compose_healthcheck_command_passes_only_while_triton_answers(
     finally:
         door.stop()
     # A front door whose Triton does not answer (nothing listens on that port).
-    from mmtriton.server import reserve_ports
+    from mmtriton.serving.server import reserve_ports
 
     reservation = reserve_ports(1)  # held, so nothing else listens there meanwhile
     door = FrontDoor(f"127.0.0.1:{reservation.ports[0]}", bundle_dir, tmp_path / "down", python=image_python)

@@ -23,9 +23,9 @@ import pytest
 from bench.triton_stats import metric_sum, scrape_metrics
 from clients.embed import embed
 from clients.llm import ChatClient, Sampling, conversation_json, request_values
-from mmtriton.prompting import PromptBuilder
-from mmtriton.samples import encode_image, synthetic_image
-from mmtriton.server import TritonServer
+from mmtriton.llm.prompting import PromptBuilder
+from mmtriton.media.samples import encode_image, synthetic_image
+from mmtriton.serving.server import TritonServer
 from tests.bad_inputs import corrupt_png_data
 from tests.conftest import ROOT
 from tests.test_openai_fetch import BodyServer, Listener
@@ -126,7 +126,7 @@ def _ask(oai: "openai.OpenAI", messages: list, stream: bool, **kwargs: object) -
 def _whole_chars(client: ChatClient, builder: PromptBuilder, prompt: str | None, n: int, **kwargs: object) -> int:
     """A ``max_tokens`` up to ``n`` whose greedy answer ends on a whole character.
 
-    Workaround for the server's streaming detokenizer (``mmtriton/detokenize.py``): when a
+    Workaround for the server's streaming detokenizer (``mmtriton/llm/detokenize.py``): when a
     coalesced chunk ends inside a multi-byte character, the chunk's complete text before it
     is held back too, and a stream that ends there never sends it. Which chunks coalesce
     depends on timing, so the gRPC client and the front door would see different texts for
@@ -451,7 +451,7 @@ def _doc_blocks(kind: str) -> list[str]:
 
 def test_docs_examples_run(frontend: FrontDoor, tmp_path: Path) -> None:
     """docs/openai.md's python examples (the openai client with image and audio, LangChain) and its curl lines."""
-    from mmtriton.samples import write_samples
+    from mmtriton.media.samples import write_samples
 
     image, audio = write_samples(tmp_path)
     blocks = _doc_blocks("python")
@@ -497,7 +497,7 @@ def test_channel_refresh_opens_a_new_channel_and_closes_the_old_after_its_stream
 
 
 def test_metrics_port_of_their_own_leaves_the_api_port_without_them(grpc_url: str, bundle_dir: Path, tmp_path: Path) -> None:
-    from mmtriton.server import reserve_ports
+    from mmtriton.serving.server import reserve_ports
 
     reservation = reserve_ports(1)
     port = reservation.ports[0]

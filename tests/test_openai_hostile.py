@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from bench.triton_stats import scrape_metrics
-from mmtriton.prompting import PromptBuilder
+from mmtriton.llm.prompting import PromptBuilder
 from openai_frontend.app import REFUSED_FIELDS, FrontendConfig
 from openai_frontend.media import longest_token_bytes
 from tests.conftest import ROOT

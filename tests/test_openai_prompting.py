@@ -9,8 +9,8 @@ import pytest
 
 from clients.llm import Sampling, conversation_json, request_values
 from mmtriton.contract import CHAT_INPUTS, CHAT_MESSAGES
-from mmtriton.prompting import PromptBuilder
-from mmtriton.validation import InputError
+from mmtriton.llm.prompting import PromptBuilder
+from mmtriton.contract import InputError
 
 
 def _rows(n: int, hidden: int, value: float) -> np.ndarray:

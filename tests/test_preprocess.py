@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from mmtriton.spec import ModelSpec
-from mmtriton.media_preprocess import AudioPreprocessor, ImagePreprocessor
-from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+from mmtriton.media.preprocess import AudioPreprocessor, ImagePreprocessor
+from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 from tests.reference import image_reference, mfcc_reference, mfcc_reference_bandlimited
 
 

@@ -37,8 +37,8 @@ import pytest
 
 from clients.errors import InvalidInputError
 from clients.llm import ChatClient, Sampling
-from mmtriton.samples import encode_audio, synthetic_audio, synthetic_image
-from mmtriton.server import TritonServer
+from mmtriton.media.samples import encode_audio, synthetic_audio, synthetic_image
+from mmtriton.serving.server import TritonServer
 from mmtriton.spec import ModelSpec
 from tests.bad_inputs import corrupt_png_data, strip_png
 from tests.conftest import ROOT
@@ -170,7 +170,7 @@ def _send(server: TritonServer, kind: Kind) -> None:
 
 
 def _good_image_bytes() -> bytes:
-    from mmtriton.samples import encode_image
+    from mmtriton.media.samples import encode_image
 
     return encode_image(synthetic_image(96, 72, seed=2), "JPEG")
 
@@ -264,7 +264,7 @@ def test_a_client_stream_left_open_is_reported_as_an_unclean_stop(
     import tritonclient.grpc as grpcclient
 
     from clients.llm import grpc_inputs, request_values
-    from mmtriton.server import serve_until_stopped
+    from mmtriton.serving.server import serve_until_stopped
 
     srv = TritonServer(model_repository=cpu_repo, work_dir=tmp_path, pythonpath=[ROOT], exit_timeout_s=3)
     srv.start()

@@ -50,7 +50,7 @@ def test_rendered_repository_is_complete(cpu_repo: Path, spec: ModelSpec) -> Non
         if config.backend == "python":
             assert (cpu_repo / name / "1" / "model.py").exists()
     assert configs["tensorrt_llm"].dynamic_batching.max_queue_delay_microseconds == serving.llm_queue_delay_us
-    # postprocessing must see cancelled requests (a dynamic batcher would fail them): see mmtriton/cancellation.py.
+    # postprocessing must see cancelled requests (a dynamic batcher would fail them): see mmtriton/backend/cancellation.py.
     assert not configs["postprocessing"].HasField("dynamic_batching")
     size = spec.vision.image_size
     assert list(configs["image_preprocess"].output[0].dims) == [3, size, size]
@@ -205,7 +205,7 @@ def test_cuda_profile_encoders_match_onnx(bundle_dir: Path, tmp_path: Path) -> N
     """The gpu-hf profile runs the encoders' safetensors in PyTorch: same outputs as the ONNX files."""
     import numpy as np
 
-    from mmtriton.encoder_batching import encode_audio, encode_images, load_encoder
+    from mmtriton.encoders.batching import encode_audio, encode_images, load_encoder
 
     repo = render_repository(bundle_dir, tmp_path / "repo-gpu-hf", "gpu-hf")
     cpu = {"runtime": "torch", "device": "cpu"}  # the rendered device is cuda:0; CI has no GPU

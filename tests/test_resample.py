@@ -22,9 +22,10 @@ import soundfile
 from scipy.signal import resample_poly
 
 from mmtriton.spec import ModelSpec
-from mmtriton.dali_runner import DaliRunner, SampleError, load_pipeline_module
-from mmtriton.media_preprocess import AudioPreprocessor
-from mmtriton.validation import MAX_AUDIO_SAMPLE_RATE, InputError
+from mmtriton.media.dali_runner import DaliRunner, SampleError, load_pipeline_module
+from mmtriton.media.preprocess import AudioPreprocessor
+from mmtriton.contract import InputError
+from mmtriton.media.validation import MAX_AUDIO_SAMPLE_RATE
 from tests.reference import kaiser_lowpass_design, mfcc_reference_bandlimited
 
 MODEL_RATE = 16000

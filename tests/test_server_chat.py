@@ -18,8 +18,8 @@ from mmtriton.spec import ModelSpec
 from clients.embed import embed
 from clients.errors import InvalidInputError
 from clients.llm import Answer, ChatClient, Sampling
-from mmtriton.detokenize import REPLACEMENT
-from mmtriton.server import TritonServer
+from mmtriton.llm.detokenize import REPLACEMENT
+from mmtriton.serving.server import TritonServer
 
 
 class Reference:
@@ -241,7 +241,7 @@ def test_readme_commands(server: TritonServer, grpc_url: str, tmp_path: Path) ->
     import subprocess
     import sys
 
-    from mmtriton.samples import write_samples
+    from mmtriton.media.samples import write_samples
     from tests.conftest import ROOT
 
     image, audio = write_samples(tmp_path)

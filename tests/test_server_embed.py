@@ -14,12 +14,12 @@ import pytest
 from mmtriton.spec import ModelSpec
 from clients.embed import embed
 from clients.errors import InvalidInputError
-from mmtriton.encoder_batching import encode_audio as run_audio_encoder
-from mmtriton.encoder_batching import encode_images
-from mmtriton.onnx_runtime import OnnxEncoder
-from mmtriton.media_preprocess import AudioPreprocessor, ImagePreprocessor
-from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
-from mmtriton.server import ServerError, TritonServer
+from mmtriton.encoders.batching import encode_audio as run_audio_encoder
+from mmtriton.encoders.batching import encode_images
+from mmtriton.encoders.onnx_runtime import OnnxEncoder
+from mmtriton.media.preprocess import AudioPreprocessor, ImagePreprocessor
+from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+from mmtriton.serving.server import ServerError, TritonServer
 from tests.bad_inputs import bad_audio, bad_images
 from tests.conftest import ROOT
 
@@ -121,7 +121,7 @@ def test_bad_request_among_concurrent_good_ones(grpc_url: str, local: InProcess,
 
 def test_cli_one_liner(grpc_url: str, tmp_path: Path) -> None:
     """The README's client call: python -m clients.embed --image ... --audio ..."""
-    from mmtriton.samples import write_samples
+    from mmtriton.media.samples import write_samples
 
     image, audio = write_samples(tmp_path)
     out = subprocess.run(

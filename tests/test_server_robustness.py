@@ -47,8 +47,8 @@ from mmtriton.spec import ModelSpec
 from bench.triton_stats import parse_metrics
 from clients.errors import ClientError, InvalidInputError
 from clients.llm import ChatClient, Sampling, grpc_inputs, request_values
-from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
-from mmtriton.server import TritonServer, session_processes
+from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+from mmtriton.serving.server import TritonServer, session_processes
 from tests.bad_inputs import bad_audio, bad_images
 from tests.conftest import probe_server, stub_pid
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from mmtriton import server as server_mod
-from mmtriton.server import PortInUseError, PortReservation, ServerError, TritonServer, reserve_ports
+from mmtriton.serving import server as server_mod
+from mmtriton.serving.server import PortInUseError, PortReservation, ServerError, TritonServer, reserve_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 60.0
@@ -93,7 +93,7 @@ def test_reserved_ports_are_distinct_over_many_calls() -> None:
         assert len(set(ports)) == 300, "a port was handed out twice while reserved"
         # While reserved, another process on this machine gets none of them.
         script = (
-            "import json; from mmtriton.server import reserve_ports; "
+            "import json; from mmtriton.serving.server import reserve_ports; "
             "held = [reserve_ports(3) for _ in range(50)]; "
             "print(json.dumps([p for r in held for p in r.ports])); "
             "[r.release() for r in held]"
@@ -185,7 +185,7 @@ def test_a_taken_auto_port_is_retried(
 
     monkeypatch.setattr(server_mod, "reserve_ports", first_one_collides)
     srv = _server(echo_repo, tmp_path / "work")
-    with caplog.at_level(logging.WARNING, logger="mmtriton.server"):
+    with caplog.at_level(logging.WARNING, logger="mmtriton.serving.server"):
         try:
             srv.start()
             assert srv.attempts == 2 and len(calls) == 2
@@ -288,7 +288,7 @@ def test_stop_leaves_no_shm_and_no_processes(
         srv.start()  # a restart picks and reserves its ports afresh, as the first start did
         assert srv.attempts == 1 and 0 not in _ports(srv)
         assert all((server_mod.port_lock_dir() / f"{p}.lock").exists() for p in _ports(srv))
-        with caplog.at_level(logging.WARNING, logger="mmtriton.server"):
+        with caplog.at_level(logging.WARNING, logger="mmtriton.serving.server"):
             srv.stop()
         assert planted.exists() and str(planted) in caplog.text and "left 1 shared-memory region(s)" in caplog.text
     finally:

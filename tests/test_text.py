@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmtriton.detokenize import REPLACEMENT, DetokenizerStates, IncrementalDetokenizer
-from mmtriton.prompting import (
+from mmtriton.llm.detokenize import REPLACEMENT, DetokenizerStates, IncrementalDetokenizer
+from mmtriton.llm.prompting import (
     PromptBuilder,
     SamplingLimits,
     check_sampling,
     parse_stop_words,
     stop_words_tensor,
 )
-from mmtriton.validation import InputError
+from mmtriton.contract import InputError
 
 TEXT = "Le café naïve — 日本語 🙂 says: hello  world, fine?"
 

@@ -277,4 +277,4 @@ def test_script_passes_the_variables_to_every_process_and_skips_tp2_without_gpus
         assert why == f"{step} skipped: tensor_parallel_size 2 needs 2 GPUs, 0 visible"
         assert why in done.stderr
     argv = (tmp_path / "envs" / "argv").read_text()
-    assert "build_engines bundle" in argv and "mmtriton.server" not in argv and "vllm_inprocess" not in argv
+    assert "build_engines bundle" in argv and "mmtriton.serving.server" not in argv and "vllm_inprocess" not in argv

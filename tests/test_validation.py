@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from mmtriton.spec import ModelSpec
-from mmtriton.media_preprocess import AudioPreprocessor, ImagePreprocessor
-from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
-from mmtriton.validation import InputError
+from mmtriton.media.preprocess import AudioPreprocessor, ImagePreprocessor
+from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+from mmtriton.contract import InputError
 from tests.bad_inputs import bad_audio, bad_images
 
 
@@ -72,7 +72,7 @@ def test_more_payloads_than_the_pipeline_batch(image_pre: ImagePreprocessor) -> 
 
 def test_full_decode_catches_what_headers_do_not(spec: ModelSpec) -> None:
     """The gpu-trtllm profile's audio_check decodes FLAC/OGG once: a truncated FLAC fails there, not in DALI."""
-    from mmtriton.validation import check_audio
+    from mmtriton.media.validation import check_audio
 
     payload, _ = bad_audio(spec)["truncated_flac"]
     limits = {"max_bytes": spec.audio.max_bytes, "max_seconds": spec.audio.max_seconds}
@@ -87,7 +87,7 @@ def test_no_message_shows_a_python_object(
     image_pre: ImagePreprocessor, audio_pre: AudioPreprocessor, spec: ModelSpec
 ) -> None:
     """Every bad case's message is words for a client: no object repr, no memory address."""
-    from mmtriton.validation import check_audio
+    from mmtriton.media.validation import check_audio
 
     messages = {f"image/{name}": str(image_pre([_u8(p)])[0]) for name, (p, _) in bad_images(spec).items()}
     messages |= {f"audio/{name}": str(audio_pre([_u8(p)])[0]) for name, (p, _) in bad_audio(spec).items()}
@@ -105,7 +105,7 @@ def test_no_message_shows_a_python_object(
 
 def test_png_signature_then_garbage_is_a_corrupt_header(spec: ModelSpec) -> None:
     """Not "truncated": what is broken is the header right after the signature, even when IEND follows."""
-    from mmtriton.validation import check_image
+    from mmtriton.media.validation import check_image
 
     png = encode_image(synthetic_image(40, 30), "PNG")
     limits = {"max_bytes": spec.vision.max_bytes, "max_pixels": spec.vision.max_pixels}
@@ -117,7 +117,7 @@ def test_png_signature_then_garbage_is_a_corrupt_header(spec: ModelSpec) -> None
 
 
 def test_library_reason_drops_object_reprs() -> None:
-    from mmtriton.validation import library_reason
+    from mmtriton.media.validation import library_reason
 
     raw = RuntimeError(
         "Error opening <_io.BytesIO object at 0x7fe9a1b2c3d0>: Error in WAV file. No 'data' chunk marker."
@@ -130,7 +130,7 @@ def test_library_reason_drops_object_reprs() -> None:
 def test_the_resize_bound_lets_long_strips_within_it_through(image_pre: ImagePreprocessor, spec: ModelSpec) -> None:
     """The aspect-ratio refusal is the resize's pixel count, not a fixed ratio: a strip whose resized
     image fits the limit decodes (and equals PIL's own crop of it), one just over it is refused."""
-    from mmtriton.validation import resized_size
+    from mmtriton.media.validation import resized_size
     from tests.bad_inputs import strip_png
 
     size, limit = spec.vision.image_size, spec.vision.max_pixels

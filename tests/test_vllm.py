@@ -1,4 +1,4 @@
-"""The vLLM engine behind the tensorrt_llm contract (mmtriton/vllm_engine.py, the gpu-vllm profile).
+"""The vLLM engine behind the tensorrt_llm contract (mmtriton/llm/vllm_engine.py, the gpu-vllm profile).
 
 Without a GPU: the request mapping (sampling, ends, stop words) on real contract values, and
 the gpu-vllm repository's rendering. On a GPU (``pytest -m gpu``, with vLLM installed): the
@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 from build_engines.render import load_repository_configs, render_repository
-from mmtriton.engine import GenerationRequest
-from mmtriton.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+from mmtriton.llm.generation import GenerationRequest
+from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 from mmtriton.spec import SpecError
-from mmtriton.vllm_engine import OutputFilter, sampling_kwargs
+from mmtriton.llm.vllm_engine import OutputFilter, sampling_kwargs
 
 if TYPE_CHECKING:
-    from mmtriton.server import TritonServer
+    from mmtriton.serving.server import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_gpu_vllm_engine_settings_come_from_the_spec(bundle_dir: Path, tmp_path:
     assert (params["enforce_eager"], params["enable_prefix_caching"], params["stream_chunk_rate"]) == ("true", "false", "0")
     assert config.max_batch_size == 5  # vLLM's max_num_seqs
     # What the served model and the in-process anchor hand vLLM, typed.
-    from mmtriton.vllm_engine import engine_settings
+    from mmtriton.llm.vllm_engine import engine_settings
 
     assert engine_settings(params, config.max_batch_size) == {
         "max_num_seqs": 5, "max_model_len": int(params["max_model_len"]), "tensor_parallel_size": 2,
@@ -121,7 +121,7 @@ def gpu_bundle(request: pytest.FixtureRequest) -> Path:
 
 
 def _server(repo: Path, work: Path) -> "TritonServer":
-    from mmtriton.server import TritonServer
+    from mmtriton.serving.server import TritonServer
 
     return TritonServer(model_repository=repo, work_dir=work, pythonpath=[ROOT], ready_timeout_s=600).start()
 
@@ -270,7 +270,7 @@ def test_vllm_closed_stream_and_stop_free_the_slot(servers: dict) -> None:
 def test_coalesce_joins_waiting_tokens_and_stops_at_the_end_marker() -> None:
     import queue
 
-    from mmtriton.engine import coalesce
+    from mmtriton.llm.generation import coalesce
 
     items: queue.SimpleQueue = queue.SimpleQueue()
     for item in ([2], [3, 4], "END", [9]):
@@ -283,7 +283,7 @@ def _paced(produce, gap: float) -> list[tuple[float, list[int]]]:
     """Run ``produce(queue)`` in a thread and collect (arrival time, chunk) from a paced token_stream."""
     import queue
 
-    from mmtriton.engine import token_stream
+    from mmtriton.llm.generation import token_stream
 
     items: queue.SimpleQueue = queue.SimpleQueue()
     producer = threading.Thread(target=produce, args=(items,))
@@ -294,7 +294,7 @@ def _paced(produce, gap: float) -> list[tuple[float, list[int]]]:
 
 
 def test_paced_stream_keeps_chunks_apart_without_losing_or_delaying_tokens() -> None:
-    from mmtriton.engine import STREAM_END
+    from mmtriton.llm.generation import STREAM_END
 
     started: list[float] = []
 
@@ -318,7 +318,7 @@ def test_paced_stream_keeps_chunks_apart_without_losing_or_delaying_tokens() -> 
 
 
 def test_paced_stream_sends_the_last_tokens_as_soon_as_the_request_ends() -> None:
-    from mmtriton.engine import STREAM_END
+    from mmtriton.llm.generation import STREAM_END
 
     def produce(items) -> None:
         items.put([1])

@@ -1,4 +1,4 @@
-"""mmtriton.vllm_stats on CPU, with stand-ins for vLLM 0.26.0's statistics objects.
+"""mmtriton.llm.vllm_stats on CPU, with stand-ins for vLLM 0.26.0's statistics objects.
 
 The stand-ins carry exactly the field names of vLLM 0.26.0:
 
@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from mmtriton.vllm_stats import VllmBatchStats
+from mmtriton.llm.vllm_stats import VllmBatchStats
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from clients.errors import ClientError
 from clients.llm import ChatClient, Sampling
-from mmtriton.server import ServerError, TritonServer
+from mmtriton.serving.server import ServerError, TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -51,7 +51,7 @@ step_install() {
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "$WHEELS"/*.whl
   "$PY" - <<'EOF'
 import torch, transformers, nvidia.dali, tritonclient
-from mmtriton.server import tritonserver_binary
+from mmtriton.serving.server import tritonserver_binary
 print(tritonserver_binary())
 print(f"torch {torch.__version__} cuda {torch.version.cuda} gpu {torch.cuda.get_device_name(0)}")
 print(f"transformers {transformers.__version__} dali {nvidia.dali.__version__}")
@@ -92,7 +92,7 @@ step_preprocess() {
 import sys
 from pathlib import Path
 from bench.preprocess import main
-from mmtriton.server import TritonServer
+from mmtriton.serving.server import TritonServer
 
 work, results = Path(sys.argv[1]), Path(sys.argv[2])
 root = Path.cwd()

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from build_engines.render import PROFILES, preprocess_settings  # noqa: E402
 from mmtriton.spec import load_spec  # noqa: E402
-from mmtriton.dali_runner import load_pipeline_module  # noqa: E402
+from mmtriton.media.dali_runner import load_pipeline_module  # noqa: E402
 
 
 def response_db(taps: np.ndarray, rate: float, n_points: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:

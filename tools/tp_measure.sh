@@ -26,7 +26,7 @@
 # nv_gpu_utilization / nv_gpu_memory_used_bytes, one series per gpu_uuid).
 #
 # NVLink multicast stays off in every process: the three variables below are exported before anything
-# starts; tritonserver gets this environment (mmtriton.server.server_env copies it), its python backend
+# starts; tritonserver gets this environment (mmtriton.serving.server.server_env copies it), its python backend
 # stubs inherit it from tritonserver, and vLLM's worker processes inherit it from the stub.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 set -euo pipefail

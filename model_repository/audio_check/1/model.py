@@ -1,4 +1,4 @@
-"""audio_check: mmtriton.validation.check_audio on each payload; good ones pass through unchanged."""
+"""audio_check: mmtriton.media.validation.check_audio on each payload; good ones pass through unchanged."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mmtriton.backend_glue import error_response, model_parameters
-from mmtriton.stub_watchdog import exit_with_parent
-from mmtriton.validation import InputError, check_audio
+from mmtriton.backend.glue import error_response, model_parameters
+from mmtriton.backend.stub_watchdog import exit_with_parent
+from mmtriton.contract import InputError
+from mmtriton.media.validation import check_audio
 
 
 class TritonPythonModel:

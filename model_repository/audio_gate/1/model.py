@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mmtriton.stub_watchdog import exit_with_parent
+from mmtriton.backend.stub_watchdog import exit_with_parent
 
 
 class TritonPythonModel:

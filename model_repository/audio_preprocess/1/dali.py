@@ -31,7 +31,7 @@ CONFIG = json.loads((Path(__file__).with_name("preprocess.json")).read_text())
 
 # Intermediate rates, as multiples of the model rate: 3x (48 kHz for 16 kHz) takes every input
 # rate up to 48 kHz, 6x (96 kHz) every rate up to 96 kHz. Higher rates are refused before
-# decoding (mmtriton.validation.MAX_AUDIO_SAMPLE_RATE must equal MAX_INPUT_RATE).
+# decoding (mmtriton.media.validation.MAX_AUDIO_SAMPLE_RATE must equal MAX_INPUT_RATE).
 DECIMATION_FACTORS = (3, 6)
 MAX_INPUT_RATE = CONFIG["sample_rate"] * DECIMATION_FACTORS[-1]
 # Low-pass design, in Hz relative to the model rate: the stop band starts at its Nyquist

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mmtriton.backend_glue import error_response
-from mmtriton.media_preprocess import AudioPreprocessor
-from mmtriton.stub_watchdog import exit_with_parent
-from mmtriton.validation import InputError
+from mmtriton.backend.glue import error_response
+from mmtriton.media.preprocess import AudioPreprocessor
+from mmtriton.backend.stub_watchdog import exit_with_parent
+from mmtriton.contract import InputError
 
 
 class TritonPythonModel:

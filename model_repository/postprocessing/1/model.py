@@ -1,6 +1,6 @@
-"""postprocessing: token ids -> text, incremental per request id (mmtriton.detokenize).
+"""postprocessing: token ids -> text, incremental per request id (mmtriton.llm.detokenize).
 
-It is also where a client that went away is noticed (see mmtriton.cancellation): a
+It is also where a client that went away is noticed (see mmtriton.backend.cancellation): a
 chunk whose request is cancelled is still answered normally, and the generation of
 that request id is stopped through ``tensorrt_llm``'s ``stop`` input.
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mmtriton.backend_glue import model_parameters
-from mmtriton.cancellation import StopForwarder
+from mmtriton.backend.glue import model_parameters
+from mmtriton.backend.cancellation import StopForwarder
 from mmtriton.contract import LLM_MODEL, stop_request_values
-from mmtriton.detokenize import DetokenizerStates
-from mmtriton.stub_watchdog import exit_with_parent
+from mmtriton.llm.detokenize import DetokenizerStates
+from mmtriton.backend.stub_watchdog import exit_with_parent
 
 
 def _stop_generation(request_id: str) -> None:

@@ -1,4 +1,4 @@
-"""preprocessing: user request -> TensorRT-LLM engine inputs (logic in mmtriton.prompting)."""
+"""preprocessing: user request -> TensorRT-LLM engine inputs (logic in mmtriton.llm.prompting)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mmtriton.backend_glue import error_response, model_parameters, optional_input, scalar_input
-from mmtriton.prompting import PromptBuilder, SamplingLimits, check_sampling
-from mmtriton.stub_watchdog import exit_with_parent
-from mmtriton.validation import InputError
+from mmtriton.backend.glue import error_response, model_parameters, optional_input, scalar_input
+from mmtriton.llm.prompting import PromptBuilder, SamplingLimits, check_sampling
+from mmtriton.backend.stub_watchdog import exit_with_parent
+from mmtriton.contract import InputError
 
 LOGGER = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""CPU-profile tensorrt_llm: the TensorRT-LLM tensor contract over mmtriton.engine (continuous batching).
+"""CPU-profile tensorrt_llm: the TensorRT-LLM tensor contract over mmtriton.llm.transformers_engine (continuous batching).
 
 Decoupled: every request gets its responses from a worker thread that follows the
 engine's token stream. ``streaming=true`` sends new tokens as they come, then an
@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mmtriton.backend_glue import error_response, model_parameters, optional_input, scalar_input
-from mmtriton.engine import Engine, EngineError, GenerationRequest
-from mmtriton.prompting import parse_stop_words
-from mmtriton.stub_watchdog import exit_with_parent
+from mmtriton.backend.glue import error_response, model_parameters, optional_input, scalar_input
+from mmtriton.llm.generation import EngineError, GenerationRequest
+from mmtriton.llm.transformers_engine import Engine
+from mmtriton.llm.prompting import parse_stop_words
+from mmtriton.backend.stub_watchdog import exit_with_parent
 
 
 class TritonPythonModel:
@@ -33,7 +34,7 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.max_batch_size = int(config["max_batch_size"])
         if params.get("engine", "transformers") == "vllm":
-            from mmtriton.vllm_engine import VllmEngine, engine_settings
+            from mmtriton.llm.vllm_engine import VllmEngine, engine_settings
 
             self.engine = VllmEngine(
                 Path(params["gpt_model_path"]),
@@ -160,7 +161,7 @@ class TritonPythonModel:
                     # Closing the stream cancels the engine request and frees its slot. The step
                     # still ends with a plain final flag: an error here, while postprocessing
                     # steps of the same request may be in flight, would strand the ensemble
-                    # request in Triton 2.51 (see mmtriton/cancellation.py).
+                    # request in Triton 2.51 (see mmtriton/backend/cancellation.py).
                     stream.close()
                     break
                 if streaming:

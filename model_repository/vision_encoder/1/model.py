@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mmtriton.backend_glue import model_parameters
-from mmtriton.encoder_batching import encode_images, load_encoder
-from mmtriton.stub_watchdog import exit_with_parent
+from mmtriton.backend.glue import model_parameters
+from mmtriton.encoders.batching import encode_images, load_encoder
+from mmtriton.backend.stub_watchdog import exit_with_parent
 
 
 class TritonPythonModel:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mmtriton.validation import InputError
+from mmtriton.contract import InputError
 
 
 @dataclass(frozen=True)

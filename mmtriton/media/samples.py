@@ -1,6 +1,6 @@
 """Small deterministic sample media, generated instead of shipped.
 
-``python -m mmtriton.samples build/samples`` writes ``sample.jpg`` and
+``python -m mmtriton.media.samples build/samples`` writes ``sample.jpg`` and
 ``sample.wav``; the tests and the demo use the same generators.
 """
 

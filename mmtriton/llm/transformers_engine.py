@@ -42,11 +42,9 @@ chunked prefill and per-step batching are transformers' own continuous batching
 Sampling (per request, via transformers' per-request logits processors
 ``ContinuousBatchingConfig(per_request_processors=True)`` with ``temperature``,
 ``top_k`` and ``top_p`` request kwargs). The manager always samples
-(``do_sample=True``); greedy requests are sent as ``top_k=1``, which leaves exactly
-one finite logit, so the multinomial draw is the argmax. Greedy is used when
-``temperature <= 0``, or ``top_k == 1``, or ``top_k <= 0 and top_p <= 0`` (both unset:
-TensorRT-LLM's default is greedy too). Otherwise temperature scaling, then top-k
-(``top_k <= 0``: no limit), then top-p (``top_p <= 0``: no limit) are applied.
+(``do_sample=True``); greedy requests (:meth:`GenerationRequest.is_greedy`) are sent as
+``top_k=1``, which leaves one finite logit, so the draw is the argmax. Otherwise
+temperature, then top-k and top-p (``<= 0``: no limit) are applied.
 
 KV cache: pages of 256 tokens with transformers' prefix caching on. On CPU the cache
 is sized for the worst case (``max_batch_size + 1`` requests of
@@ -86,217 +84,24 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager, OutputRouter
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 from transformers.generation.continuous_batching.utils import WorkloadHints
 
-__all__ = ["Engine", "EngineError", "GenerationRequest", "PromptTableEmbedding"]
+from mmtriton.llm.generation import STREAM_END, EngineError, GenerationRequest, check_request, token_stream
+from mmtriton.llm.prompt_table import PromptTableEmbedding
 
 logger = logging.getLogger(__name__)
 
 _INT32_MAX = 2**31 - 1
-STREAM_END = object()  # put after a request's last tokens
-
-
-def coalesce(first: Sequence[int], items: queue.SimpleQueue) -> tuple[list[int], object | None]:
-    """``first`` plus every token list already waiting in ``items``, as one chunk.
-
-    Tokens of steps the consumer has not taken yet go out together, so a consumer
-    slower than the engine (per-token responses through Triton) sends fewer, larger
-    chunks instead of falling further behind.
-
-    Returns:
-        The tokens, and the first non-token item met (the end marker or an error),
-        or None; the caller handles that item after yielding the tokens.
-    """
-    tokens = list(first)
-    return tokens, _gather(tokens, items)
-
-
-def token_stream(
-    items: queue.SimpleQueue,
-    wait: Callable[[], object],
-    ended: list[bool],
-    min_gap: Callable[[], float] | None = None,
-) -> Iterator[list[int]]:
-    """Yield a request's tokens from its queue, coalesced (:func:`coalesce`), until it ends.
-
-    Shared by both engines' ``stream``. The queue holds token lists, then
-    :data:`STREAM_END` or the exception that ended the request.
-
-    With ``min_gap``, consecutive chunks are at least ``min_gap()`` seconds apart:
-    tokens that arrive within the gap join the next chunk. The first chunk goes out
-    at once (time to first token is not delayed) and so do the last tokens when the
-    request ends inside a gap. This bounds the responses per second that go through
-    Triton (each one an IPC message, an ensemble step and a ``postprocessing``
-    request) when many requests stream at once.
-
-    Args:
-        items: The request's queue.
-        wait: Blocks for the next item (an engine may raise from it when it stops).
-        ended: Gets an entry when the request ended by itself (end or error), so the
-            caller knows that a stream closed without one was abandoned.
-        min_gap: Seconds between chunks, asked before each chunk; None or ``<= 0``:
-            every chunk goes out as soon as the consumer takes it.
-
-    Raises:
-        BaseException: The exception that ended the request.
-    """
-    held: object = None  # an end or error found while coalescing, handled after the tokens
-    last_sent: float | None = None
-    while True:
-        item, held = (held, None) if held is not None else (wait(), None)
-        if item is STREAM_END:
-            ended.append(True)
-            return
-        if isinstance(item, BaseException):
-            ended.append(True)
-            raise item
-        tokens, held = coalesce(item, items)
-        gap = min_gap() if (min_gap is not None and last_sent is not None) else 0.0
-        if gap > 0 and held is None:
-            held = _gather(tokens, items, last_sent + gap)
-        yield tokens
-        last_sent = time.monotonic()
-
-
-def _gather(tokens: list[int], items: queue.SimpleQueue, deadline: float | None = None) -> object | None:
-    """Append the token lists in ``items`` to ``tokens``: those waiting now, or (with a
-    ``deadline``, a ``time.monotonic()`` value) also those that arrive before it.
-
-    Returns:
-        The first non-token item (end marker or error), which ends the gathering, or None.
-    """
-    while True:
-        try:
-            if deadline is None:
-                more = items.get_nowait()
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                more = items.get(timeout=left)
-        except queue.Empty:
-            return None
-        if not isinstance(more, list):
-            return more
-        tokens.extend(more)
-
-
-class EngineError(RuntimeError):
-    """A request failed inside the engine (generation error, or the engine stopped)."""
-
-
-@dataclass
-class GenerationRequest:
-    """One generation request, in TensorRT-LLM terms.
-
-    Attributes:
-        input_ids: Prompt token ids. Ids ``vocab_size + i`` select row ``i`` of
-            ``prompt_table``.
-        max_new_tokens: Maximum number of tokens to generate (1..max_output_len).
-        end_id: Stop token, not included in the output. None: the model's EOS id(s);
-            negative: never stop on a token.
-        pad_id: Accepted for compatibility; unused.
-        temperature: Sampling temperature; ``<= 0`` means greedy.
-        top_k: Top-k limit; ``1`` means greedy, ``<= 0`` unset.
-        top_p: Nucleus limit in (0, 1]; ``<= 0`` unset. ``top_k <= 0 and top_p <= 0``
-            means greedy.
-        seed: Accepted but not honoured (see the module docstring).
-        stop_words: Token sequences; generation ends after the first one generated,
-            which is kept in the output.
-        prompt_table: Float16 ``[rows, hidden]`` prompt embedding table, or None.
-        prompt_vocab_size: Rows of ``prompt_table`` the fake ids may address; 0 means
-            all rows.
-    """
-
-    input_ids: list[int]
-    max_new_tokens: int
-    end_id: int | None = None
-    pad_id: int | None = None
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.0
-    seed: int | None = None
-    stop_words: list[list[int]] = field(default_factory=list)
-    prompt_table: np.ndarray | None = None
-    prompt_vocab_size: int = 0
-
-    def is_greedy(self) -> bool:
-        """Whether this request decodes greedily (see the module docstring)."""
-        return self.temperature <= 0 or self.top_k == 1 or (self.top_k <= 0 and self.top_p <= 0)
-
-
-class PromptTableEmbedding(nn.Module):
-    """Input embedding that also serves rows of a shared prompt table.
-
-    Ids ``< vocab_size`` go through the model's own embedding; ids ``>= vocab_size``
-    read row ``(id - vocab_size) % capacity`` of :attr:`table`. The forward pass has
-    no data-dependent control flow, so it is CUDA-graph capturable, and :attr:`table`
-    is only ever written in place, so captured graphs stay valid.
-
-    Args:
-        base: The model's original input embedding.
-        vocab_size: Number of real token ids.
-        capacity: Rows of the shared table (may be 0: no prompt tables).
-    """
-
-    def __init__(self, base: nn.Embedding, vocab_size: int, capacity: int) -> None:
-        super().__init__()
-        self.base = base
-        self.vocab_size = vocab_size
-        self.capacity = capacity
-        weight = base.weight
-        self.register_buffer(
-            "table",
-            torch.zeros(max(capacity, 1), weight.shape[1], dtype=weight.dtype, device=weight.device),
-            persistent=False,
-        )
-
-    @property
-    def weight(self) -> nn.Parameter:
-        """The real-token embedding matrix (for code that inspects ``get_input_embeddings().weight``)."""
-        return self.base.weight
-
-    @property
-    def num_embeddings(self) -> int:
-        """Number of real token ids."""
-        return self.vocab_size
-
-    @property
-    def embedding_dim(self) -> int:
-        """Hidden size."""
-        return self.base.weight.shape[1]
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Embed real and virtual ids.
-
-        Args:
-            input_ids: Integer ids of any shape.
-
-        Returns:
-            Embeddings of shape ``input_ids.shape + (hidden,)``.
-        """
-        is_virtual = input_ids >= self.vocab_size
-        real = self.base(torch.where(is_virtual, torch.zeros_like(input_ids), input_ids))
-        if self.capacity == 0:
-            return real
-        rows = torch.where(is_virtual, (input_ids - self.vocab_size) % self.capacity, torch.zeros_like(input_ids))
-        virtual = self.table[rows.long()]
-        return torch.where(is_virtual.unsqueeze(-1), virtual, real)
-
-
 @dataclass(eq=False)
 class _Record:
     """Engine-side state of one request."""
@@ -666,78 +471,19 @@ class Engine:
         }
 
     def _validate(self, request: GenerationRequest) -> tuple[list[int], torch.Tensor | None]:
-        """Check a request; return its distinct fake-id indices and their table rows."""
-        ids = request.input_ids
-        if isinstance(ids, np.ndarray):
-            ids = ids.reshape(-1).tolist()
-        try:
-            ids = [int(i) for i in ids]
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"input_ids must be a sequence of integers: {exc}") from None
-        request.input_ids = ids
-        if not ids:
-            raise ValueError("input_ids is empty")
-        if len(ids) > self.max_input_len:
-            raise ValueError(f"input_ids has {len(ids)} tokens, more than max_input_len {self.max_input_len}")
-        if min(ids) < 0:
-            raise ValueError(f"input_ids contains a negative id {min(ids)}")
-        if not 1 <= request.max_new_tokens <= self.max_output_len:
-            raise ValueError(f"max_new_tokens {request.max_new_tokens} is outside [1, {self.max_output_len}]")
-        if request.temperature < 0 or not np.isfinite(request.temperature):
-            raise ValueError(f"temperature {request.temperature} must be a finite value >= 0")
-        if request.top_p > 1 or not np.isfinite(request.top_p):
-            raise ValueError(f"top_p {request.top_p} must be <= 1")
+        """Check a request (:func:`check_request`, and the seed); return its fake-id indices and table rows."""
         if request.seed is not None and not request.is_greedy():
             raise ValueError(
                 "input 'seed': per-request seeds are not supported by this engine (transformers continuous "
                 "batching, the cpu and gpu-hf profiles): leave seed out, or sample greedily (temperature 0)"
             )
-        stop_words = []
-        for word in request.stop_words or []:
-            word = [int(t) for t in word]
-            if not word:
-                raise ValueError("stop_words contains an empty sequence")
-            stop_words.append(word)
-        request.stop_words = stop_words
-
-        fake = sorted({i - self.vocab_size for i in ids if i >= self.vocab_size})
-        table = request.prompt_table
-        if table is None:
-            if fake:
-                raise ValueError(
-                    f"input_ids contains fake id {fake[0] + self.vocab_size} (>= vocab_size {self.vocab_size}) "
-                    "but no prompt_table was given"
-                )
-            if request.prompt_vocab_size:
-                raise ValueError("prompt_vocab_size is set but no prompt_table was given")
-            return [], None
-        table = np.asarray(table)
-        if table.ndim == 3 and table.shape[0] == 1:
-            table = table[0]
-        if table.ndim != 2 or table.shape[1] != self.hidden_size:
-            raise ValueError(
-                f"prompt_table must have shape [rows, {self.hidden_size}] (the LLM hidden size), got {table.shape}"
-            )
-        if not np.issubdtype(table.dtype, np.floating):
-            raise ValueError(f"prompt_table must be floating point (float16), got {table.dtype}")
-        rows = table.shape[0]
-        usable = request.prompt_vocab_size or rows
-        if not 0 <= request.prompt_vocab_size <= rows:
-            raise ValueError(f"prompt_vocab_size {request.prompt_vocab_size} is outside [0, {rows}] (table rows)")
-        if fake and fake[-1] >= usable:
-            raise ValueError(
-                f"fake id {fake[-1] + self.vocab_size} is out of range: the prompt table serves ids "
-                f"[{self.vocab_size}, {self.vocab_size + usable})"
-            )
-        if len(fake) > self.prompt_table_capacity:
-            raise ValueError(
-                f"request references {len(fake)} prompt-table rows but the engine's prompt_table_capacity is "
-                f"{self.prompt_table_capacity}; it can never fit"
-            )
-        if not fake:
-            return [], None
-        selected = torch.from_numpy(np.ascontiguousarray(table[fake]))
-        return fake, selected.to(device=self.device, dtype=self.dtype)
+        fake, rows = check_request(
+            request, vocab_size=self.vocab_size, hidden_size=self.hidden_size, max_input_len=self.max_input_len,
+            max_output_len=self.max_output_len, prompt_table_capacity=self.prompt_table_capacity,
+        )
+        if rows is None:
+            return fake, None
+        return fake, torch.from_numpy(rows).to(device=self.device, dtype=self.dtype)
 
     def _admit(self) -> None:
         """Hand waiting requests to transformers while slots and rows allow. Lock held."""

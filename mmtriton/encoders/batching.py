@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from mmtriton.onnx_runtime import OnnxEncoder
+from mmtriton.encoders.onnx_runtime import OnnxEncoder
 
 
 def load_encoder(version_dir: Path, model_name: str, params: dict[str, str]) -> Any:
@@ -26,10 +26,10 @@ def load_encoder(version_dir: Path, model_name: str, params: dict[str, str]) -> 
 
     Returns:
         An :class:`OnnxEncoder` (``runtime=onnxruntime``: ``1/model.onnx``) or a
-        :class:`mmtriton.torch_runtime.TorchEncoder` (``runtime=torch``: ``1/model.safetensors``).
+        :class:`mmtriton.encoders.torch_runtime.TorchEncoder` (``runtime=torch``: ``1/model.safetensors``).
     """
     if params["runtime"] == "torch":
-        from mmtriton.torch_runtime import TorchEncoder
+        from mmtriton.encoders.torch_runtime import TorchEncoder
 
         info = json.loads((version_dir / "encoder.json").read_text())
         return TorchEncoder(

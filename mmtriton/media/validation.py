@@ -22,36 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmtriton.contract import InputError
+
 IMAGE_FORMATS = ("JPEG", "PNG", "WebP")
 AUDIO_FORMATS = ("WAV", "FLAC", "OGG")
 # Highest sample rate audio_preprocess band-limits correctly (its dali.py MAX_INPUT_RATE).
 MAX_AUDIO_SAMPLE_RATE = 96000
-
-
-class InputError(ValueError):
-    """A request input is unusable; the message is meant for the client.
-
-    Attributes:
-        input_name: The request input the error is about.
-    """
-
-    def __init__(self, input_name: str, message: str) -> None:
-        super().__init__(f"input '{input_name}': {message}")
-        self.input_name = input_name
-
-    def detached(self) -> InputError:
-        """This error without its traceback and chained exceptions, for keeping after the ``except``.
-
-        A caught exception's traceback holds the frames it passed through, and with them
-        every local of those frames: the payload being checked, and the list the error is
-        then stored in. Kept as it is, the error and that list form a reference cycle that
-        keeps a refused request's payload (and its Triton input buffers) alive until the
-        cyclic garbage collector happens to run, which large byte arrays never trigger.
-        """
-        self.__traceback__ = None
-        self.__context__ = None
-        self.__cause__ = None
-        return self
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""vLLM behind the ``tensorrt_llm`` contract: the same interface as :class:`mmtriton.engine.Engine`.
+"""vLLM behind the ``tensorrt_llm`` contract: the same interface as :class:`mmtriton.llm.generation.LLMEngine`.
 
 The python model of ``tensorrt_llm`` drives either engine the same way (``submit``,
 ``stream``, ``cancel`` and the statistics); this one runs vLLM's ``AsyncLLM`` on an
@@ -9,7 +9,7 @@ What it adds on top of vLLM, to keep TensorRT-LLM's semantics:
 
 - **Prompts.** Text-only requests go in as token ids; requests with fake ids
   ``vocab_size + i`` go in as ``prompt_embeds`` built on the GPU from the model's
-  input embedding and the request's prompt table (:mod:`mmtriton.llm_prompts`).
+  input embedding and the request's prompt table (:mod:`mmtriton.llm.vllm_prompts`).
   The embedding weight is read once from the checkpoint's safetensors.
 - **Sampling.** TensorRT-LLM's defaults are greedy (``top_k`` and ``top_p`` unset);
   ``seed`` is honoured per request.
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmtriton.engine import STREAM_END, EngineError, GenerationRequest, token_stream
-from mmtriton.vllm_stats import VllmBatchStats
+from mmtriton.llm.generation import STREAM_END, EngineError, GenerationRequest, token_stream
+from mmtriton.llm.vllm_stats import VllmBatchStats
 
 LOGGER = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class _Record:
 
 
 class VllmEngine:
-    """vLLM ``AsyncLLM`` with the contract's semantics; the interface of :class:`mmtriton.engine.Engine`.
+    """vLLM ``AsyncLLM`` with the contract's semantics; the interface of :class:`mmtriton.llm.generation.LLMEngine`.
 
     Args:
         model_dir: Hugging Face checkpoint folder (the bundle's ``llm/``).
@@ -213,7 +213,7 @@ class VllmEngine:
         Raises:
             ValueError: Bad ids or prompt table (the message names the request and the limit).
         """
-        from mmtriton.llm_prompts import ContractRequest, build_prompts
+        from mmtriton.llm.vllm_prompts import ContractRequest, build_prompts
 
         request_id = f"vllm-{next(self._ids)}"
         (prompt,) = build_prompts(
@@ -256,7 +256,7 @@ class VllmEngine:
 
         Args:
             request_id: Id returned by :meth:`submit`.
-            min_gap: Seconds between chunks (see :func:`mmtriton.engine.token_stream`).
+            min_gap: Seconds between chunks (see :func:`mmtriton.llm.generation.token_stream`).
 
         Raises:
             KeyError: Unknown request id.

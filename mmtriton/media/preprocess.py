@@ -2,7 +2,7 @@
 
 Each preprocessor loads the model's own ``1/dali.py`` definition (the file the
 GPU profile's DALI backend serializes), checks every payload with
-:mod:`mmtriton.validation`, runs the good ones through DALI as one batch and
+:mod:`mmtriton.media.validation`, runs the good ones through DALI as one batch and
 returns, per request, either the outputs or an :class:`InputError`.
 """
 
@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from mmtriton.dali_runner import DaliRunner, SampleError, load_pipeline_module
-from mmtriton.validation import InputError, check_audio, check_image, sniff_audio, sniff_image
+from mmtriton.media.dali_runner import DaliRunner, SampleError, load_pipeline_module
+from mmtriton.contract import InputError
+from mmtriton.media.validation import check_audio, check_image, sniff_audio, sniff_image
 
 LOGGER = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The bundle's encoders in PyTorch, for GPUs where onnxruntime has no CUDA provider.
 
 :class:`TorchEncoder` has the same ``run(**inputs) -> dict`` interface as
-:class:`mmtriton.onnx_runtime.OnnxEncoder`, with the same input and output
-names, so :mod:`mmtriton.encoder_batching` drives either. It rebuilds the module from
+:class:`mmtriton.encoders.onnx_runtime.OnnxEncoder`, with the same input and output
+names, so :mod:`mmtriton.encoders.batching` drives either. It rebuilds the module from
 the bundle spec and loads ``model.safetensors`` (the weights the ONNX file was
 exported from and checked against).
 """
@@ -34,7 +34,7 @@ class TorchEncoder:
         from safetensors.torch import load_file
 
         from mmtriton.spec import spec_from_dict
-        from mmtriton.encoders import AudioEncoder, VisionEncoder
+        from mmtriton.encoders.modules import AudioEncoder, VisionEncoder
 
         full = spec_from_dict(spec)
         module = VisionEncoder(full.vision, llm_hidden) if kind == "vision_encoder" else AudioEncoder(full.audio, llm_hidden)

@@ -1,0 +1,1 @@
+"""What every python-backend model shares: parameters and error responses, the stub watchdog, cancellation."""
