@@ -136,3 +136,77 @@ def test_the_walker_sees_local_imports_and_cycles() -> None:
     names = [n.module for n in ast.walk(node) if isinstance(n, ast.ImportFrom)]
     assert names == ["build_engines.render"]
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
+
+
+# The runtime's rooms (mmtriton/<room>/) and what each may import of the runtime besides itself.
+# Media, encoders and the LLM step know nothing of each other: they meet only in the contract
+# (tensor names, InputError) and the spec; serving runs Triton and never imports a pipeline room.
+RUNTIME_ROOMS = {
+    "mmtriton.contract": set(),
+    "mmtriton.spec": set(),
+    "mmtriton.media": {"mmtriton.contract", "mmtriton.spec"},
+    "mmtriton.encoders": {"mmtriton.contract", "mmtriton.spec"},
+    "mmtriton.llm": {"mmtriton.contract", "mmtriton.spec"},
+    "mmtriton.backend": {"mmtriton.contract", "mmtriton.spec"},
+    "mmtriton.serving": {"mmtriton.contract", "mmtriton.spec"},
+    # The command-line names kept at the top (python -m mmtriton.server, .probe, .tp_launcher).
+    "mmtriton.server": {"mmtriton.serving"},
+    "mmtriton.probe": {"mmtriton.serving"},
+    "mmtriton.tp_launcher": {"mmtriton.serving"},
+}
+
+
+def _room_of(module: str) -> str | None:
+    """The room a runtime module belongs to (the longest matching name), or None."""
+    found = [room for room in RUNTIME_ROOMS if module == room or module.startswith(room + ".")]
+    return max(found, key=len) if found else None
+
+
+def room_violations(imports: dict[str, set[str]]) -> list[str]:
+    """``importer -> imported`` pairs inside ``mmtriton`` that break :data:`RUNTIME_ROOMS`.
+
+    Args:
+        imports: For each module, the project modules it imports.
+    """
+    bad = []
+    for module, targets in sorted(imports.items()):
+        room = _room_of(module)
+        if not module.startswith("mmtriton"):
+            continue
+        if room is None:
+            bad.append(f"{module} is in no room (add it to one of {sorted(RUNTIME_ROOMS)})")
+            continue
+        for target in sorted(targets):
+            if not target.startswith("mmtriton"):
+                continue
+            other = _room_of(target)
+            if other != room and other not in RUNTIME_ROOMS[room]:
+                bad.append(f"{module} imports {target}: {room} may import only {sorted(RUNTIME_ROOMS[room]) or 'nothing of the runtime'}")
+    return bad
+
+
+def test_runtime_rooms_import_only_what_they_may() -> None:
+    graph = {m: t for m, t in _graph().items() if m != "mmtriton"}  # the package's empty __init__
+    assert not room_violations(graph), "\n".join(room_violations(graph))
+
+
+@pytest.mark.parametrize(
+    ("importer", "imported"),
+    [
+        ("mmtriton.media.preprocess", "mmtriton.llm.prompting"),  # media knows nothing of the LLM step
+        ("mmtriton.llm.prompting", "mmtriton.media.validation"),  # InputError lives in the contract
+        ("mmtriton.encoders.batching", "mmtriton.media.dali_runner"),
+        ("mmtriton.serving.server", "mmtriton.llm.vllm_engine"),  # serving never imports a pipeline room
+        ("mmtriton.contract", "mmtriton.spec"),  # the contract imports nothing of the project
+        ("mmtriton.probe", "mmtriton.llm.generation"),  # a command-line name only forwards to serving
+    ],
+)
+def test_each_room_rule_can_fail(importer: str, imported: str) -> None:
+    assert room_violations({importer: {imported}}), f"{importer} -> {imported} should break a rule"
+
+
+def test_a_module_outside_every_room_is_reported() -> None:
+    assert room_violations({"mmtriton.newthing": set()}) == [
+        f"mmtriton.newthing is in no room (add it to one of {sorted(RUNTIME_ROOMS)})"
+    ]
+    assert room_violations({"mmtriton.media.preprocess": {"mmtriton.contract", "mmtriton.media.validation"}}) == []
