@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from mmtriton.serving import server as server_mod
-from mmtriton.serving.server import PortInUseError, PortReservation, ServerError, TritonServer, reserve_ports
+from mmtriton.serving import ports as ports_mod
+from mmtriton.serving.ports import PortInUseError, PortReservation, ServerError, reserve_ports
+from mmtriton.serving.server import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 60.0
@@ -93,7 +95,7 @@ def test_reserved_ports_are_distinct_over_many_calls() -> None:
         assert len(set(ports)) == 300, "a port was handed out twice while reserved"
         # While reserved, another process on this machine gets none of them.
         script = (
-            "import json; from mmtriton.serving.server import reserve_ports; "
+            "import json; from mmtriton.serving.ports import reserve_ports; "
             "held = [reserve_ports(3) for _ in range(50)]; "
             "print(json.dumps([p for r in held for p in r.ports])); "
             "[r.release() for r in held]"
@@ -103,7 +105,7 @@ def test_reserved_ports_are_distinct_over_many_calls() -> None:
         )
         theirs = json.loads(out.stdout)
         assert len(theirs) == 150 and not set(theirs) & set(ports)
-        assert not any((server_mod.port_lock_dir() / f"{p}.lock").exists() for p in theirs)
+        assert not any((ports_mod.port_lock_dir() / f"{p}.lock").exists() for p in theirs)
     finally:
         for r in held:
             r.release()
@@ -111,20 +113,20 @@ def test_reserved_ports_are_distinct_over_many_calls() -> None:
     for port in ports[:30]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("", port))
-    assert not any((server_mod.port_lock_dir() / f"{p}.lock").exists() for p in ports)
+    assert not any((ports_mod.port_lock_dir() / f"{p}.lock").exists() for p in ports)
 
 
 def test_reservation_skips_excluded_and_locked_ports() -> None:
     first = reserve_ports(3)
     try:
         for port in first.ports:
-            assert server_mod._lock_port(port) is None  # held: nobody else may lock it
+            assert ports_mod._lock_port(port) is None  # held: nobody else may lock it
         again = reserve_ports(3, exclude=first.ports)
         assert not set(again.ports) & set(first.ports)
         again.release()
     finally:
         first.release()
-    fd = server_mod._lock_port(first.ports[0])
+    fd = ports_mod._lock_port(first.ports[0])
     assert fd is not None  # released: lockable again
     PortReservation([first.ports[0]], {first.ports[0]: fd}).release()
 
@@ -287,7 +289,7 @@ def test_stop_leaves_no_shm_and_no_processes(
         assert srv.leftover_shm() == [planted]
         srv.start()  # a restart picks and reserves its ports afresh, as the first start did
         assert srv.attempts == 1 and 0 not in _ports(srv)
-        assert all((server_mod.port_lock_dir() / f"{p}.lock").exists() for p in _ports(srv))
+        assert all((ports_mod.port_lock_dir() / f"{p}.lock").exists() for p in _ports(srv))
         with caplog.at_level(logging.WARNING, logger="mmtriton.serving.server"):
             srv.stop()
         assert planted.exists() and str(planted) in caplog.text and "left 1 shared-memory region(s)" in caplog.text
