@@ -24,8 +24,8 @@ ALLOWED = {
     "bench": {"mmtriton", "clients"},
     "tools": {"mmtriton", "clients", "bench", "build_engines"},
     # The OpenAI front door: an application of the clients, plus the contract's names and the
-    # real-inference probe (its image has no torch, transformers or DALI).
-    "openai_frontend": {"mmtriton.contract", "mmtriton.serving.probe", "clients"},
+    # real-inference probe and the model spec (its image has no torch, transformers or DALI).
+    "openai_frontend": {"mmtriton.contract", "mmtriton.spec", "mmtriton.serving.probe", "clients"},
 }
 
 

@@ -1,4 +1,8 @@
-"""CPU-profile tensorrt_llm: the TensorRT-LLM tensor contract over mmtriton.llm.transformers_engine (continuous batching).
+"""The python ``tensorrt_llm`` model (cpu, gpu-hf, gpu-vllm): the TensorRT-LLM tensor contract over an engine.
+
+The engine is the one the rendered ``engine`` parameter names (transformers' continuous
+batching, or vLLM); the decisions (engine, request mapping, pacing, stop ids, metric
+increments) live in :mod:`mmtriton.llm.contract_model`, this file only talks to Triton.
 
 Decoupled: every request gets its responses from a worker thread that follows the
 engine's token stream. ``streaming=true`` sends new tokens as they come, then an
@@ -13,16 +17,14 @@ from __future__ import annotations
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mmtriton.backend.glue import error_response, model_parameters, optional_input, scalar_input
-from mmtriton.llm.generation import EngineError, GenerationRequest
-from mmtriton.llm.transformers_engine import Engine
-from mmtriton.llm.prompting import parse_stop_words
 from mmtriton.backend.stub_watchdog import exit_with_parent
+from mmtriton.llm.contract_model import EngineCounters, RequestIds, StreamPacing, generation_request, make_engine
+from mmtriton.llm.generation import EngineError
 
 
 class TritonPythonModel:
@@ -33,31 +35,11 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = model_parameters(args)
         self.max_batch_size = int(config["max_batch_size"])
-        if params.get("engine", "transformers") == "vllm":
-            from mmtriton.llm.vllm_engine import VllmEngine, engine_settings
-
-            self.engine = VllmEngine(
-                Path(params["gpt_model_path"]),
-                vocab_size=int(params["vocab_size"]),
-                settings=engine_settings(params, self.max_batch_size),
-            )
-        else:
-            self.engine = Engine(
-                Path(params["gpt_model_path"]),
-                max_batch_size=self.max_batch_size,
-                max_input_len=int(params["max_input_len"]),
-                max_output_len=int(params["max_output_len"]),
-                prompt_table_capacity=int(params["prompt_table_capacity"]),
-                device=params["device"],
-            )
+        self.engine = make_engine(params, self.max_batch_size)
         self.engine.start()
-        # Streamed responses per second over all requests (0: one per engine step); each
-        # streaming request then sends a chunk at most every (streaming requests / rate) s.
-        self.stream_chunk_rate = float(params.get("stream_chunk_rate", "0"))
-        self.num_streaming = 0
+        self.pacing = StreamPacing(float(params["stream_chunk_rate"]))
         self.workers = ThreadPoolExecutor(max_workers=4 * self.max_batch_size + 4, thread_name_prefix="stream")
-        self.by_triton_id: dict[str, str] = {}
-        self.lock = threading.Lock()
+        self.running = RequestIds()
         self._metrics()
 
     def _metric(self, name: str, description: str, kind):
@@ -90,43 +72,19 @@ class TritonPythonModel:
             "Requests ended early because their client went away or sent stop",
             counter,
         )
-        self._reported = (0, 0, 0)
+        self.counters = EngineCounters()
         self.stop_metrics = threading.Event()
         threading.Thread(target=self._report_metrics, daemon=True).start()
 
     def _report_metrics(self) -> None:
         while not self.stop_metrics.wait(0.2):
-            hist = self.engine.step_batch_sizes()
-            steps, seqs = sum(hist.values()), sum(k * v for k, v in hist.items())
-            cancelled = self.engine.num_cancelled
-            self.metric_steps.increment(steps - self._reported[0])
-            self.metric_tokens.increment(seqs - self._reported[1])
-            self.metric_cancelled.increment(cancelled - self._reported[2])
-            self._reported = (steps, seqs, cancelled)
+            steps, sequences, cancelled = self.counters.increments(self.engine)
+            self.metric_steps.increment(steps)
+            self.metric_tokens.increment(sequences)
+            self.metric_cancelled.increment(cancelled)
             self.metric_max.set(self.engine.max_batch_size_seen)
             self.metric_active.set(self.engine.num_in_flight)
             self.metric_queued.set(self.engine.num_pending)
-
-    def _request(self, request) -> GenerationRequest:
-        ids = optional_input(request, "input_ids")
-        length = int(scalar_input(request, "input_lengths"))
-        table = optional_input(request, "prompt_embedding_table")
-        stop = optional_input(request, "stop_words_list")
-        return GenerationRequest(
-            input_ids=[] if ids is None else ids.reshape(-1)[:length].tolist(),
-            max_new_tokens=int(scalar_input(request, "request_output_len")),
-            end_id=scalar_input(request, "end_id"),
-            pad_id=scalar_input(request, "pad_id"),
-            temperature=float(scalar_input(request, "temperature", 1.0)),
-            top_k=int(scalar_input(request, "runtime_top_k", 0)),
-            top_p=float(scalar_input(request, "runtime_top_p", 0.0)),
-            seed=scalar_input(request, "seed"),
-            stop_words=[] if stop is None else parse_stop_words(stop.reshape(2, -1)),
-            # A copy: a view would keep the stub's shared-memory input, and with it the whole
-            # Triton request (and its ensemble), alive for as long as the engine holds it.
-            prompt_table=None if table is None else np.array(table.reshape(-1, table.shape[-1]), copy=True),
-            prompt_vocab_size=int(scalar_input(request, "prompt_vocab_size", 0)),
-        )
 
     @staticmethod
     def _response(tokens: list, num_input: int, num_output: int) -> pb_utils.InferenceResponse:
@@ -140,21 +98,16 @@ class TritonPythonModel:
             ]
         )
 
-    def _chunk_gap(self) -> float:
-        """Seconds between two chunks of one streaming request under today's load."""
-        return self.num_streaming / self.stream_chunk_rate
-
     def _serve(self, request, engine_id: str, streaming: bool, num_input: int) -> None:
         sender = request.get_response_sender()
         triton_id = request.request_id()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         generated: list = []
-        paced = streaming and self.stream_chunk_rate > 0
+        paced = streaming and self.pacing.enabled
         if paced:
-            with self.lock:
-                self.num_streaming += 1
+            self.pacing.enter()
         try:
-            stream = self.engine.stream(engine_id, self._chunk_gap if paced else None)
+            stream = self.engine.stream(engine_id, self.pacing.gap if paced else None)
             for new in stream:
                 generated.extend(new)
                 if sender.is_cancelled():
@@ -173,16 +126,13 @@ class TritonPythonModel:
         except EngineError as err:
             sender.send(error_response(f"generation failed: {err}", "INTERNAL"), flags=final)
         finally:
-            with self.lock:
-                if paced:
-                    self.num_streaming -= 1
-                if triton_id and self.by_triton_id.get(triton_id) == engine_id:
-                    del self.by_triton_id[triton_id]
+            if paced:
+                self.pacing.leave()
+            self.running.forget(triton_id, engine_id)
 
     def _stop(self, request) -> None:
         # TensorRT-LLM semantics: a request with stop=true cancels the running request of the same id.
-        with self.lock:
-            engine_id = self.by_triton_id.get(request.request_id())
+        engine_id = self.running.engine_id(request.request_id())
         if engine_id is not None:
             self.engine.cancel(engine_id)
         request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -193,15 +143,13 @@ class TritonPythonModel:
                 self._stop(request)
                 continue
             try:
-                generation = self._request(request)
+                generation = generation_request(lambda name: optional_input(request, name))
                 engine_id = self.engine.submit(generation)
             except ValueError as err:
                 sender = request.get_response_sender()
                 sender.send(error_response(str(err)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            if request.request_id():
-                with self.lock:
-                    self.by_triton_id[request.request_id()] = engine_id
+            self.running.add(request.request_id(), engine_id)
             streaming = bool(scalar_input(request, "streaming", False))
             self.workers.submit(self._serve, request, engine_id, streaming, len(generation.input_ids))
         return None
