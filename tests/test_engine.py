@@ -380,3 +380,19 @@ def test_submit_requires_running_engine(bundle: Path) -> None:
         eng.submit(_req())
     with pytest.raises(KeyError):
         eng.stream("req-missing")
+
+
+def test_sampling_values_have_one_definition(engine: Engine) -> None:
+    """The engine refuses what the preprocessing model refuses, naming the contract's inputs."""
+    from mmtriton.contract import InputError
+    from mmtriton.llm.prompting import SamplingLimits, check_sampling
+
+    cases = [({"temperature": -0.5}, "temperature"), ({"top_k": -2}, "top_k"), ({"top_p": 1.5}, "top_p"), ({"top_p": -0.1}, "top_p")]
+    contract = {"temperature": "temperature", "top_k": "runtime_top_k", "top_p": "runtime_top_p"}
+    for values, name in cases:
+        with pytest.raises(InputError) as public:
+            check_sampling(**{"max_tokens": 4, "temperature": None, "top_k": None, "top_p": None, **values}, limits=SamplingLimits(8))
+        with pytest.raises(InputError) as direct:
+            engine.submit(GenerationRequest(input_ids=[1, 2], max_new_tokens=4, **values))
+        assert public.value.input_name == name and direct.value.input_name == contract[name]
+        assert str(public.value).split(": ", 1)[1] == str(direct.value).split(": ", 1)[1]

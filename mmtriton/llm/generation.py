@@ -8,6 +8,7 @@ Both engines behind the ``tensorrt_llm`` contract, transformers' continuous batc
 
 from __future__ import annotations
 
+import math
 import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+from mmtriton.contract import InputError
 
 STREAM_END = object()  # put after a request's last tokens
 
@@ -149,6 +152,40 @@ class GenerationRequest:
         return self.temperature <= 0 or self.top_k == 1 or (self.top_k <= 0 and self.top_p <= 0)
 
 
+#: The sampling inputs' names in the TensorRT-LLM contract (what a client of ``tensorrt_llm`` sends).
+CONTRACT_SAMPLING_NAMES = ("temperature", "runtime_top_k", "runtime_top_p")
+
+
+def check_sampling_values(
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    *,
+    names: tuple[str, str, str] = ("temperature", "top_k", "top_p"),
+) -> None:
+    """The one definition of the sampling values an engine accepts (None: not given).
+
+    Greedy is ``temperature`` 0, ``top_k`` 1, or neither top-k nor top-p (both 0), as in
+    TensorRT-LLM's contract; there is no upper bound on ``temperature`` here (the OpenAI
+    front door applies OpenAI's 0..2 itself).
+
+    Args:
+        temperature: Must be finite and >= 0.
+        top_k: Must be >= 0 (0: no top-k filtering).
+        top_p: Must be within [0, 1] (0: no top-p filtering).
+        names: The inputs to name in the error (the chat ensembles' or the contract's).
+
+    Raises:
+        InputError: A value outside its range, naming the input.
+    """
+    if temperature is not None and (not math.isfinite(temperature) or temperature < 0):
+        raise InputError(names[0], f"{temperature} must be a finite number >= 0")
+    if top_k is not None and top_k < 0:
+        raise InputError(names[1], f"{top_k} must be >= 0 (0 = no top-k filtering)")
+    if top_p is not None and (not math.isfinite(top_p) or top_p < 0 or top_p > 1):
+        raise InputError(names[2], f"{top_p} must be within [0, 1] (0 = no top-p filtering)")
+
+
 def check_request(
     request: GenerationRequest,
     *,
@@ -192,10 +229,8 @@ def check_request(
         raise ValueError(f"input_ids contains a negative id {min(ids)}")
     if not 1 <= request.max_new_tokens <= max_output_len:
         raise ValueError(f"max_new_tokens {request.max_new_tokens} is outside [1, {max_output_len}]")
-    if request.temperature < 0 or not np.isfinite(request.temperature):
-        raise ValueError(f"temperature {request.temperature} must be a finite value >= 0")
-    if request.top_p > 1 or not np.isfinite(request.top_p):
-        raise ValueError(f"top_p {request.top_p} must be <= 1")
+    # The contract's own names: a client of tensorrt_llm itself sends these.
+    check_sampling_values(request.temperature, request.top_k, request.top_p, names=CONTRACT_SAMPLING_NAMES)
     stop_words = []
     for word in request.stop_words or []:
         word = [int(t) for t in word]

@@ -17,7 +17,6 @@ once, here, so a client never renders it and the engine sees one prompt.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from mmtriton.contract import InputError
+from mmtriton.llm.generation import check_sampling_values
 
 
 @dataclass(frozen=True)
@@ -184,12 +184,7 @@ def check_sampling(
     """
     if max_tokens < 1 or max_tokens > limits.max_output_len:
         raise InputError("max_tokens", f"{max_tokens} is outside 1..{limits.max_output_len}")
-    if temperature is not None and (not math.isfinite(temperature) or temperature < 0):
-        raise InputError("temperature", f"{temperature} must be a finite number >= 0")
-    if top_k is not None and top_k < 0:
-        raise InputError("top_k", f"{top_k} must be >= 0 (0 = no top-k filtering)")
-    if top_p is not None and (not math.isfinite(top_p) or top_p < 0 or top_p > 1):
-        raise InputError("top_p", f"{top_p} must be within [0, 1] (0 = no top-p filtering)")
+    check_sampling_values(temperature, top_k, top_p)
 
 
 class PromptBuilder:

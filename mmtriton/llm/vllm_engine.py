@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmtriton.llm.generation import STREAM_END, EngineError, GenerationRequest, token_stream
+from mmtriton.llm.generation import (
+    CONTRACT_SAMPLING_NAMES,
+    STREAM_END,
+    EngineError,
+    GenerationRequest,
+    check_sampling_values,
+    token_stream,
+)
 from mmtriton.llm.vllm_stats import VllmBatchStats
 
 LOGGER = logging.getLogger(__name__)
@@ -211,10 +218,11 @@ class VllmEngine:
         """Validate and start a request; returns its id for :meth:`stream` and :meth:`cancel`.
 
         Raises:
-            ValueError: Bad ids or prompt table (the message names the request and the limit).
+            ValueError: Bad ids, prompt table or sampling values (the message names the input and the limit).
         """
         from mmtriton.llm.vllm_prompts import ContractRequest, build_prompts
 
+        check_sampling_values(request.temperature, request.top_k, request.top_p, names=CONTRACT_SAMPLING_NAMES)
         request_id = f"vllm-{next(self._ids)}"
         (prompt,) = build_prompts(
             [ContractRequest(request_id, request.input_ids, request.prompt_table)], self.vocab_size, self._weight
