@@ -1,7 +1,8 @@
 """Batch requests through the ONNX encoders and split the results per request.
 
-Used by the CPU profile's ``vision_encoder`` and ``audio_encoder`` python
-models, and by the tests as the in-process reference path.
+Used by the python ``vision_encoder`` and ``audio_encoder`` models (ONNX on
+onnxruntime in the cpu profile, PyTorch on the GPU in gpu-hf and gpu-vllm), and by
+the tests as the in-process reference path.
 """
 
 from __future__ import annotations

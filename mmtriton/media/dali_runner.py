@@ -4,7 +4,8 @@ DALI fails a whole batch when one sample fails, and after such an error the
 pipeline object is no longer usable. :class:`DaliRunner` runs the batch once;
 if it fails it rebuilds the pipeline and runs every sample alone, so each bad
 sample gets its own error and the good ones in the same batch still succeed.
-The CPU profile's python-backend models use it with ``device_id=None``.
+The python-backend preprocessing models use it (``device_id=None`` on the CPU, a GPU
+ordinal in the gpu-hf and gpu-vllm profiles).
 """
 
 from __future__ import annotations

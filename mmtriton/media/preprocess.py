@@ -1,7 +1,8 @@
-"""Image and audio preprocessing for the python-backend runners (CPU profile).
+"""Image and audio preprocessing for the python-backend runners (the cpu, gpu-hf and gpu-vllm profiles).
 
 Each preprocessor loads the model's own ``1/dali.py`` definition (the file the
-GPU profile's DALI backend serializes), checks every payload with
+gpu-trtllm profile's DALI backend serializes) on the device ``preprocess.json``
+names (``device_id`` None: the CPU), checks every payload with
 :mod:`mmtriton.media.validation`, runs the good ones through DALI as one batch and
 returns, per request, either the outputs or an :class:`InputError`.
 """

@@ -3,8 +3,8 @@
 Decoding (WAV, FLAC, OGG) runs on the CPU in DALI; when ``device`` is ``gpu``
 the samples move to the GPU right after decoding and everything after it
 (resampling with its low-pass filter, pre-emphasis, spectrogram, mel filter
-bank, decibels, DCT, normalization) runs there. The CPU profile builds the
-same definition with ``device_id=None`` and ``device="cpu"``. Constants come
+bank, decibels, DCT, normalization) runs there. The cpu profile builds the
+same definition with ``device_id=None`` and ``device="cpu"``; every other profile on the GPU. Constants come
 from ``preprocess.json`` beside this file.
 
 Resampling (docs/audio-resampling.md): DALI's resampler interpolates with a

@@ -1,9 +1,9 @@
 """Image preprocessing as one DALI pipeline: decode, resize, center crop, normalize.
 
-The same definition serves both profiles. The GPU profile's DALI backend
-serializes it through ``@autoserialize`` and decodes with nvJPEG (``mixed``);
-the CPU profile's python-backend runner builds it with ``device_id=None`` and
-``decoder_device="cpu"``. Constants come from ``preprocess.json`` beside this
+The same definition serves every profile. The gpu-trtllm profile's DALI backend
+serializes it through ``@autoserialize`` and decodes with nvJPEG (``mixed``); the
+python-backend runner of the other profiles builds it on the GPU (gpu-hf, gpu-vllm)
+or with ``device_id=None`` and ``decoder_device="cpu"`` (cpu). Constants come from ``preprocess.json`` beside this
 file, which ``build_engines`` renders from the model spec.
 """
 

@@ -1,4 +1,4 @@
-"""CPU-profile runner for image_preprocess: the python backend builds 1/dali.py with device_id=None."""
+"""image_preprocess on the python backend (cpu, gpu-hf, gpu-vllm): builds 1/dali.py on the device preprocess.json names."""
 
 from __future__ import annotations
 
