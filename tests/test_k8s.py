@@ -270,7 +270,7 @@ def test_plain_kubectl_refuses_a_file_outside_the_kustomization(tmp_path: Path) 
 def test_no_deployment_file_or_guide_asks_for_a_load_restrictor() -> None:
     flag = re.compile(r"load[-_]?restrict", re.IGNORECASE)
     files = [p for p in K8S.rglob("*") if p.is_file()]
-    files += [ROOT / "docs" / "kubernetes.md", ROOT / ".ci" / "run", ROOT / "tests" / "k8s_checks.py"]
+    files += [ROOT / "docs" / "kubernetes.md", ROOT / "README.md", ROOT / ".ci" / "run", ROOT / "tests" / "k8s_checks.py"]
     assert [str(p.relative_to(ROOT)) for p in files if flag.search(p.read_text())] == []
 
 
