@@ -13,12 +13,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from clients.cli import UsageError, client_error, interrupted, read_input, usage_error
 from clients.errors import ClientError
+from clients.terminal import TextOutput
+
+PROG = "clients"
 
 
-def _chat(args: argparse.Namespace) -> int:
+def _chat(args: argparse.Namespace, out: TextOutput) -> int:
     from clients.llm import ChatClient, Sampling
 
+    image = read_input(args.image, "--image")
+    audio = read_input(args.audio, "--audio")
     client = ChatClient(args.url, protocol=args.protocol)
     sampling = Sampling(
         max_tokens=args.max_tokens,
@@ -30,24 +36,30 @@ def _chat(args: argparse.Namespace) -> int:
     )
     answer = client.generate(
         args.prompt,
-        image=args.image.read_bytes() if args.image else None,
-        audio=args.audio.read_bytes() if args.audio else None,
+        image=image,
+        audio=audio,
         sampling=sampling,
         stream=not args.no_stream,
-        on_chunk=lambda chunk: print(chunk.text, end="", flush=True),
+        on_chunk=lambda chunk: out.write(chunk.text),
     )
-    print()
-    print(
+    out.end_line()
+    sys.stderr.write(
         f"[{answer.num_input_tokens} prompt tokens, {answer.num_output_tokens} output tokens, "
-        f"TTFT {answer.ttft_s * 1000:.0f} ms, {answer.tokens_per_s:.1f} tokens/s]",
-        file=sys.stderr,
+        f"TTFT {answer.ttft_s * 1000:.0f} ms, {answer.tokens_per_s:.1f} tokens/s]\n"
     )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="clients", description="Clients for the multimodal Triton server")
+    """Run the CLI.
+
+    Args:
+        argv: The arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0, 1 when the request failed, 2 for a usage mistake, 130 on Ctrl-C.
+    """
+    parser = argparse.ArgumentParser(prog=PROG, description="Clients for the multimodal Triton server")
     sub = parser.add_subparsers(dest="command", required=True)
     chat = sub.add_parser("chat", help="stream an answer to a prompt with an optional image and audio clip")
     chat.add_argument("prompt")
@@ -67,18 +79,25 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--image", type=Path)
     embed.add_argument("--audio", type=Path)
     args = parser.parse_args(argv)
-    try:
-        if args.command == "chat":
-            return _chat(args)
+    prog = f"{PROG} {args.command}"
+    if args.command == "embed":
         from clients.embed import main as embed_main
 
         forwarded = ["--url", args.url]
         forwarded += ["--image", str(args.image)] if args.image else []
         forwarded += ["--audio", str(args.audio)] if args.audio else []
-        return embed_main(forwarded)
+        return embed_main(forwarded, prog=prog)
+    out = TextOutput(sys.stdout)
+    try:
+        return _chat(args, out)
+    except UsageError as err:
+        return usage_error(prog, str(err))
     except ClientError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        return 1
+        out.end_line()  # an error after part of the answer starts on a line of its own
+        return client_error(err, prog)
+    except KeyboardInterrupt:
+        out.end_line()
+        return interrupted()
 
 
 if __name__ == "__main__":

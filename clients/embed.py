@@ -18,8 +18,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from mmtriton.contract import embed_ensemble
+from clients.address import server_address
+from clients.cli import UsageError, client_error, interrupted, read_input, usage_error
 from clients.errors import ClientError, from_triton_exception
+from mmtriton.contract import embed_ensemble
 
 
 def ensemble_for(has_image: bool, has_audio: bool) -> str:
@@ -52,8 +54,11 @@ def embed(
 
     Raises:
         InvalidInputError: The server rejected an input (the message names it and the limit).
+        InvalidURLError: ``url`` is not ``host:port``.
+        ServerUnavailableError: The server cannot be reached (the message names ``url``).
         ClientError: Any other failure.
     """
+    url = server_address(url, "grpc")
     model = ensemble_for(image is not None, audio is not None)
     inputs, outputs = [], []
     if image is not None:
@@ -71,31 +76,46 @@ def embed(
             client_timeout=timeout_s,
         )
     except InferenceServerException as err:
-        raise from_triton_exception(err) from None
+        raise from_triton_exception(err, url=url) from None
     finally:
         client.close()
     return {name: result.as_numpy(name)[0] for name in outputs}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: print the shape and a few values of each embedding."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+PROG = "python -m clients.embed"
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """CLI: print the shape and a few values of each embedding.
+
+    Args:
+        argv: The arguments (default ``sys.argv[1:]``).
+        prog: The program name in messages.
+
+    Returns:
+        The exit code: 0, 1 when the request failed, 2 for a usage mistake.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="localhost:8001", help="gRPC host:port")
     parser.add_argument("--image", type=Path)
     parser.add_argument("--audio", type=Path)
     args = parser.parse_args(argv)
+    if args.image is None and args.audio is None:
+        return usage_error(prog, "give --image, --audio or both")
     try:
-        result = embed(
-            args.url,
-            image=args.image.read_bytes() if args.image else None,
-            audio=args.audio.read_bytes() if args.audio else None,
-        )
+        image = read_input(args.image, "--image")
+        audio = read_input(args.audio, "--audio")
+    except UsageError as err:
+        return usage_error(prog, str(err))
+    try:
+        result = embed(args.url, image=image, audio=audio)
     except ClientError as err:
-        print(f"error: {err}", file=sys.stderr)  # noqa: T201 - CLI output
-        return 1
+        return client_error(err, prog)
+    except KeyboardInterrupt:
+        return interrupted()
     for name, value in result.items():
         head = np.array2string(value[0, :4].astype(np.float32), precision=4)
-        print(f"{name}: shape {list(value.shape)} {value.dtype}, row 0 starts {head}")  # noqa: T201
+        sys.stdout.write(f"{name}: shape {list(value.shape)} {value.dtype}, row 0 starts {head}\n")
     return 0
 
 

@@ -13,8 +13,10 @@ Example::
 
 Errors are typed the same way on every path (see :mod:`clients.errors`):
 :class:`InvalidInputError` for a request the server rejected because of an
-input, :class:`ServerUnavailableError` when it cannot be reached, and
-:class:`InferenceFailedError` for any other server-side failure. An error
+input, :class:`ServerUnavailableError` when it cannot be reached (the message
+names the address: ``could not reach the server at localhost:8001 (gRPC): ...``),
+:class:`InvalidURLError` for an address that is not ``host:port`` (checked when the
+client is made), and :class:`InferenceFailedError` for any other server-side failure. An error
 inside a gRPC stream (or an HTTP ``generate_stream`` error event) carries only
 a message, no status code, so there the type comes from the message: this
 server's own input errors (``mmtriton.media.validation.InputError``, raised by the
@@ -31,6 +33,7 @@ and become :class:`InvalidInputError`; any other stream error becomes
 
 from __future__ import annotations
 
+import http.client
 import json
 import queue
 import time
@@ -43,17 +46,20 @@ from typing import Any
 
 import numpy as np
 
-from mmtriton.contract import CHAT_MESSAGES, LLM_MODEL, chat_ensemble, input_error_in, stop_request_values
+from clients.address import server_address
 from clients.errors import (
     ClientError,
     InferenceFailedError,
     InvalidInputError,
+    InvalidURLError,
     ServerUnavailableError,
     from_triton_exception,
+    server_unavailable,
 )
+from mmtriton.contract import CHAT_MESSAGES, LLM_MODEL, chat_ensemble, input_error_in, stop_request_values
 
 
-def stream_error(error: Exception | str) -> ClientError:
+def stream_error(error: Exception | str, url: str | None = None) -> ClientError:
     """Type an error that arrived inside a stream, where there is no status code.
 
     A gRPC stream delivers server-side errors as a message only, and an HTTP
@@ -65,6 +71,8 @@ def stream_error(error: Exception | str) -> ClientError:
 
     Args:
         error: The exception from the stream callback, or the event's message.
+        url: The server address, named when the stream failed because the server
+            could not be reached.
 
     Returns:
         The typed client error to raise.
@@ -72,7 +80,7 @@ def stream_error(error: Exception | str) -> ClientError:
     if not isinstance(error, str):
         status = getattr(error, "status", lambda: None)()
         if status:
-            return from_triton_exception(error)
+            return from_triton_exception(error, url=url)
         message = getattr(error, "message", lambda: None)() or str(error)
     else:
         message = error
@@ -209,12 +217,16 @@ class ChatClient:
         protocol: ``grpc`` (bidirectional streaming) or ``http`` (``generate_stream``
             server-sent events, ``generate`` when not streaming).
         timeout_s: Longest wait for any single response.
+
+    Raises:
+        InvalidURLError: ``url`` is not ``host:port`` (see :func:`clients.address.server_address`).
+        ClientError: An unknown protocol.
     """
 
     def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 120.0) -> None:
         if protocol not in ("grpc", "http"):
             raise ClientError(f"protocol must be grpc or http, not {protocol!r}")
-        self.url = url
+        self.url = server_address(url, protocol)
         self.protocol = protocol
         self.timeout_s = timeout_s
 
@@ -305,9 +317,9 @@ class ChatClient:
             client.async_stream_infer(LLM_MODEL, inputs, request_id=request_id, enable_empty_final_response=True)
             error = done.get(timeout=self.timeout_s)
             if error is not None:
-                raise from_triton_exception(error)
+                raise from_triton_exception(error, url=self.url)
         except InferenceServerException as err:
-            raise from_triton_exception(err) from None
+            raise from_triton_exception(_reported_error(done, lambda item: item) or err, url=self.url) from None
         finally:
             client.stop_stream()
             client.close()
@@ -332,7 +344,7 @@ class ChatClient:
                     raise InferenceFailedError(f"no response from {model} within {self.timeout_s:.0f} s") from None
                 if error is not None:
                     finished = True  # an error response is the request's last
-                    raise stream_error(error)
+                    raise stream_error(error, url=self.url)
                 chunk = grpc_chunk(result)
                 if chunk is not None:
                     yield chunk
@@ -340,7 +352,11 @@ class ChatClient:
                     finished = True
                     return
         except InferenceServerException as err:
-            raise from_triton_exception(err) from None
+            # A stream that failed before the request went out (no server at the address) makes
+            # async_stream_infer raise "The stream is no longer in valid state"; the reason (and its
+            # status) reaches the callback. Report that, not tritonclient's words.
+            cause = _reported_error(responses, lambda item: item[1]) or err
+            raise from_triton_exception(cause, url=self.url) from None
         finally:
             # Closing the stream early (the caller stopped iterating) cancels the request on the
             # server. A finished request is not cancelled: Triton 2.51 sometimes leaves an ensemble
@@ -368,29 +384,47 @@ class ChatClient:
             headers={"Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+            resp = urllib.request.urlopen(request, timeout=self.timeout_s)
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode("utf-8", "replace")
+            try:
+                detail = json.loads(detail).get("error", detail)
+            except (json.JSONDecodeError, AttributeError):
+                pass
+            raise _http_error(err.code, str(detail), self.url) from None
+        except urllib.error.URLError as err:
+            raise server_unavailable(self.url, str(err.reason), "HTTP") from None
+        except http.client.InvalidURL as err:
+            raise InvalidURLError(f"server address {self.url!r}: {err}") from None
+        except http.client.HTTPException as err:
+            # Something listens but does not speak HTTP/1.1 (e.g. the gRPC port).
+            raise ServerUnavailableError(
+                f"the server at {self.url} did not answer over HTTP ({type(err).__name__}; is that the gRPC "
+                "port? Triton's HTTP port is 8000 by default)",
+                self.url,
+                connected=True,
+            ) from None
+        except OSError as err:  # a reset or a timeout before the answer
+            raise server_unavailable(self.url, f"{type(err).__name__}: {err}", "HTTP") from None
+        try:
+            with resp:
                 if not stream:
-                    yield _json_chunk(json.loads(resp.read()))
+                    yield _json_chunk(_json_object(resp.read(), self.url))
                     return
                 for raw in resp:
-                    line = raw.decode("utf-8").strip()
+                    line = raw.decode("utf-8", "replace").strip()
                     if not line.startswith("data:"):
                         continue
-                    event = json.loads(line[len("data:") :])
+                    event = _json_object(line[len("data:") :], self.url)
                     if "error" in event:
                         raise stream_error(str(event["error"]))
                     chunk = _json_chunk(event)
                     if chunk.token_ids or chunk.text:
                         yield chunk
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode("utf-8", "replace")
-            try:
-                detail = json.loads(detail).get("error", detail)
-            except json.JSONDecodeError:
-                pass
-            raise _http_error(err.code, detail) from None
-        except urllib.error.URLError as err:
-            raise ServerUnavailableError(f"cannot reach http://{self.url}: {err.reason}") from None
+        except (OSError, http.client.HTTPException) as err:
+            raise InferenceFailedError(
+                f"the answer from the server at {self.url} (HTTP) broke off: {type(err).__name__}: {err}"
+            ) from None
 
 
 def grpc_inputs(values: dict[str, np.ndarray]) -> list[Any]:
@@ -429,9 +463,34 @@ def _json_chunk(event: dict[str, Any]) -> Chunk:
     )
 
 
-def _http_error(code: int, message: str) -> ClientError:
+def _reported_error(responses: queue.Queue, error_of: Callable[[Any], Any], wait_s: float = 2.0) -> Exception | None:
+    """The error a stream callback put on ``responses`` (within ``wait_s``), or None."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            item = responses.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
+        error = error_of(item)
+        if error is not None:
+            return error
+
+
+def _json_object(data: bytes | str, url: str) -> dict[str, Any]:
+    """One JSON object from the server; anything else means it is not this server's API."""
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        value = None
+    if not isinstance(value, dict):
+        preview = data[:80] if isinstance(data, str) else data[:80].decode("utf-8", "replace")
+        raise InferenceFailedError(f"the server at {url} (HTTP) did not answer with JSON: {preview!r}")
+    return value
+
+
+def _http_error(code: int, message: str, url: str | None = None) -> ClientError:
     if code == 400:
         return InvalidInputError(message)
     if code in (502, 503):
-        return ServerUnavailableError(message)
+        return server_unavailable(url, message, "HTTP")
     return InferenceFailedError(f"HTTP {code}: {message}")
