@@ -23,13 +23,17 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
 from openai_frontend.errors import bad_request
 
+if TYPE_CHECKING:
+    from mmtriton.spec import ModelSpec
+
 LOGGER = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Image types a ``data:`` URL may declare (what the ``image_preprocess`` model decodes).
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
@@ -37,7 +41,7 @@ IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
 AUDIO_FORMATS = ("wav", "flac", "ogg")
 #: OpenAI roles; ``developer`` (newer clients' name for the system prompt) is sent as ``system``.
 ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.S)
+_DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.DOTALL)
 _SPACE = re.compile(r"\s")
 #: Payloads (and request bodies) larger than this are handled in a worker thread, off the event loop.
 OFFLOAD_BYTES = 256 * 1024
@@ -52,16 +56,28 @@ class MediaLimits:
     """Per-request media limits (from the model spec and the ensembles' inputs).
 
     Attributes:
-        max_images: Images per request (the chat ensembles take one).
-        max_audios: Audio clips per request (the chat ensembles take one).
         image_max_bytes: Encoded bytes per image (``vision.max_bytes``).
         audio_max_bytes: Encoded bytes per clip (``audio.max_bytes``).
+        max_images: Images per request (the chat ensembles take one).
+        max_audios: Audio clips per request (the chat ensembles take one).
     """
 
+    image_max_bytes: int
+    audio_max_bytes: int
     max_images: int = 1
     max_audios: int = 1
-    image_max_bytes: int = 20 * 1024 * 1024
-    audio_max_bytes: int = 16 * 1024 * 1024
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> MediaLimits:
+        """The byte limits the model spec defines (``vision.max_bytes``, ``audio.max_bytes``).
+
+        Args:
+            spec: The model spec (a bundle's ``bundle.json`` holds it).
+
+        Returns:
+            The limits.
+        """
+        return cls(image_max_bytes=spec.vision.max_bytes, audio_max_bytes=spec.audio.max_bytes)
 
 
 @dataclass
@@ -114,8 +130,19 @@ def decode_base64(data: Any, max_bytes: int, param: str, what: str) -> bytes:
     return raw
 
 
-async def _off_loop(func: Callable[..., bytes], size: int, *args: Any) -> bytes:
-    """``func(*args)``, in a worker thread when the payload is over :data:`OFFLOAD_BYTES`."""
+async def off_loop_if_large(size: int, func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)``, in a worker thread when ``size`` (a payload's or a body's bytes) is over :data:`OFFLOAD_BYTES`.
+
+    The thread is anyio's, never the event loop's default executor that ``/health``'s probe uses.
+
+    Args:
+        size: The bytes ``func`` works through.
+        func: What to run.
+        args: Its arguments.
+
+    Returns:
+        What ``func`` returned.
+    """
     if size > OFFLOAD_BYTES:
         return await anyio.to_thread.run_sync(func, *args)
     return func(*args)
@@ -143,7 +170,7 @@ async def _image_bytes(part: dict[str, Any], param: str, limits: MediaLimits, fe
     if not isinstance(url, str) or not url:
         raise bad_request(f"{param}: image_url needs a 'url' string", param)
     if url.startswith("data:"):
-        return await _off_loop(_data_url_bytes, len(url), url, param, limits)
+        return await off_loop_if_large(len(url), _data_url_bytes, url, param, limits)
     data, content_type = await fetch(url, limits.image_max_bytes, param)
     if content_type and content_type not in IMAGE_TYPES and content_type != "application/octet-stream":
         raise bad_request(
@@ -167,7 +194,7 @@ async def _audio_bytes(part: dict[str, Any], param: str, limits: MediaLimits) ->
         )
     data = spec.get("data")
     size = len(data) if isinstance(data, str) else 0
-    return await _off_loop(decode_base64, size, data, limits.audio_max_bytes, param, "audio")
+    return await off_loop_if_large(size, decode_base64, data, limits.audio_max_bytes, param, "audio")
 
 
 async def parse_messages(messages: Any, limits: MediaLimits, fetch: Fetcher) -> ParsedMessages:

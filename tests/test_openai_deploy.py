@@ -80,7 +80,7 @@ def image_python(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_the_image_packages_are_enough_and_nothing_heavy_is_loaded(image_python: str) -> None:
     probe = (
         "import json, sys\n"
-        "import openai_frontend.app, openai_frontend.__main__, uvicorn  # main() imports uvicorn\n"
+        "import openai_frontend.app, openai_frontend.__main__, uvicorn  # __main__ serves through openai_frontend.server\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
     )
     out = subprocess.run(

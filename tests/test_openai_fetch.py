@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from mmtriton.spec import ModelSpec
 from openai_frontend.errors import APIError
 from openai_frontend.fetch import FetchBusy, FetchError, FetchPolicy, FetchPool, fetch_url
 from openai_frontend.media import MediaLimits, parse_messages
@@ -373,7 +374,7 @@ def test_bad_parts_name_message_part_and_limit(content: list, message: str) -> N
     assert err.value.param and err.value.param.startswith("messages[0].content[")
 
 
-def test_parts_become_placeholders_in_place() -> None:
+def test_parts_become_placeholders_in_place(spec: ModelSpec) -> None:
     png = base64.b64encode(b"\x89PNG...").decode()
     wav = base64.b64encode(b"RIFF....WAVE").decode()
     messages = [
@@ -382,7 +383,7 @@ def test_parts_become_placeholders_in_place() -> None:
         {"role": "assistant", "content": None},
         {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": wav, "format": "WAV"}}, {"type": "text", "text": "and this?"}]},
     ]
-    parsed = asyncio.run(parse_messages(messages, MediaLimits(), _no_fetch))
+    parsed = asyncio.run(parse_messages(messages, MediaLimits.from_spec(spec), _no_fetch))
     assert parsed.messages == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image"}]},
@@ -395,7 +396,7 @@ def test_parts_become_placeholders_in_place() -> None:
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7])
 def test_stop_text_ends_before_the_first_stop_string_in_any_split(size: int) -> None:
-    from openai_frontend.app import StopText
+    from openai_frontend.answer import StopText
 
     answer = "alpha beta STOP gamma END delta"
     for stops, expected in (((" END", "STOP"), "alpha beta "), (("zzz",), answer), ((), answer), (("a",), "")):
@@ -409,7 +410,7 @@ def test_stop_text_ends_before_the_first_stop_string_in_any_split(size: int) -> 
 
 
 def test_work_is_cancelled_when_the_client_leaves_and_kept_while_it_stays() -> None:
-    from openai_frontend.app import _unless_client_leaves
+    from openai_frontend.answer import unless_client_leaves
 
     class Client:
         def __init__(self, leaves_after: int | None) -> None:
@@ -430,7 +431,7 @@ def test_work_is_cancelled_when_the_client_leaves_and_kept_while_it_stays() -> N
                 raise
 
         client = Client(leaves_after=3)
-        assert await _unless_client_leaves(forever(), client, poll_s=0.01) is False
+        assert await unless_client_leaves(forever(), client, poll_s=0.01) is False
         assert cancelled.is_set() and client.polls == 3
 
         async def quick() -> str:
@@ -438,12 +439,12 @@ def test_work_is_cancelled_when_the_client_leaves_and_kept_while_it_stays() -> N
             return "done"
 
         staying = Client(leaves_after=None)
-        assert await _unless_client_leaves(quick(), staying, poll_s=0.01) is True and staying.polls >= 1
+        assert await unless_client_leaves(quick(), staying, poll_s=0.01) is True and staying.polls >= 1
 
         async def broken() -> None:
             raise ValueError("engine said no")
 
         with pytest.raises(ValueError, match="engine said no"):
-            await _unless_client_leaves(broken(), Client(None), poll_s=0.01)
+            await unless_client_leaves(broken(), Client(None), poll_s=0.01)
 
     asyncio.run(asyncio.wait_for(run(), 30))

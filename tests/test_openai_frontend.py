@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -70,15 +71,20 @@ class FrontDoor:
 
         return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
 
-    def stop(self) -> None:
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Send ``sig`` to the process by its pid (unless it has ended) and wait; its exit code.
+
+        A process still running 15 s later is killed (and its exit code says so).
+        """
         if self.process.poll() is None:
-            self.process.terminate()
+            os.kill(self.process.pid, sig)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=15)
         self.log.close()
+        return self.process.returncode
 
 
 @pytest.fixture(scope="module")
@@ -424,10 +430,51 @@ def test_health_is_503_without_a_working_triton(bundle_dir: Path, tmp_path: Path
         try:
             resp = httpx.get(f"{door.url}/health", timeout=60)
             assert resp.status_code == 503 and resp.json()["status"] == "unavailable"
-            chat = _post(door, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-            assert chat.status_code == 503 and chat.json()["error"]["type"] == "service_unavailable"
+            assert resp.json()["error"]["message"].startswith(f"not ready: Triton at {dead}: "), resp.text
+            for stream in (False, True):
+                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": stream}
+                chat = _post(door, body)
+                assert chat.status_code == 503, chat.text
+                error = chat.json()["error"]
+                assert error["type"] == "service_unavailable" and error["code"] == "upstream_unavailable"
+                assert error["message"].startswith(f"Triton at {dead} is unavailable: "), error["message"]
         finally:
             door.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_answers_the_open_stream_then_exits_0_without_a_traceback(
+    grpc_url: str, bundle_dir: Path, tmp_path: Path, spec: "ModelSpec", sig: signal.Signals
+) -> None:
+    """Ctrl-C on ``make openai`` (SIGINT, by the process's pid here) and SIGTERM: uvicorn's graceful
+    shutdown (the stream already open runs to its end), one log line, exit code 0."""
+    door = FrontDoor(grpc_url, bundle_dir, tmp_path / "door")
+    max_tokens = spec.llm.max_output_len
+    body = {"model": "m", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    events: list[dict] = []
+    try:
+        with httpx.stream("POST", f"{door.url}/v1/chat/completions", json=body, timeout=120) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            for line in lines:
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+                    if events[-1]["choices"] and events[-1]["choices"][0]["delta"].get("content"):
+                        break
+            os.kill(door.process.pid, sig)  # mid-answer
+            rest = [line for line in lines if line]
+        code = door.process.wait(timeout=60)
+    finally:
+        door.stop()
+    events += [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
+    log = door.log_path.read_text()
+    assert rest and rest[-1] == "data: [DONE]", rest[-3:]
+    assert events[-1]["usage"]["completion_tokens"] == max_tokens  # the whole answer, not one cut short
+    assert code == 0, log
+    assert "Traceback" not in log, log
+    assert log.count(f"{sig.name}: stopping after the open requests are answered") == 1, log
+    assert "Application shutdown complete" in log, log
 
 
 def test_text_input_and_messages_together_are_refused(client: ChatClient) -> None:

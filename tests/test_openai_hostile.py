@@ -27,8 +27,9 @@ import pytest
 
 from bench.triton_stats import scrape_metrics
 from mmtriton.llm.prompting import PromptBuilder
-from openai_frontend.app import REFUSED_FIELDS, FrontendConfig
+from openai_frontend.config import FrontendConfig
 from openai_frontend.media import longest_token_bytes
+from openai_frontend.request import REFUSED_FIELDS
 from tests.conftest import ROOT
 from tests.test_openai_fetch import DEADLINE_MARGIN_S, DripServer
 from tests.test_openai_frontend import FrontDoor
@@ -482,6 +483,26 @@ def test_docs_list_every_refused_field_and_the_tiny_bundles_limits(bundle_dir: P
     config = FrontendConfig.from_bundle(bundle_dir, "unused:1")
     assert f"{config.body_limit:,} bytes for the tiny" in text
     assert f"`L` = {config.token_bytes} " in text and f"{config.max_text_bytes:,} bytes" in text
+
+
+def test_the_limits_come_from_the_bundles_spec_and_are_not_restated(bundle_dir: Path, tmp_path: Path) -> None:
+    """The media byte limits and max_output_len are the spec's (bundle.json); the front door has no defaults of its own."""
+    import dataclasses
+
+    from openai_frontend.media import MediaLimits
+
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest["spec"]["vision"]["max_bytes"], manifest["spec"]["audio"]["max_bytes"] = 12345, 23456
+    manifest["spec"]["llm"]["max_output_len"], manifest["spec"]["llm"]["max_input_len"] = 7, 99
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "bundle.json").write_text(json.dumps(manifest))
+    (tmp_path / "llm" / "tokenizer.json").write_bytes((bundle_dir / "llm" / "tokenizer.json").read_bytes())
+    config = FrontendConfig.from_bundle(tmp_path, "unused:1")
+    assert (config.limits.image_max_bytes, config.limits.audio_max_bytes) == (12345, 23456)
+    assert (config.max_output_len, config.max_input_len) == (7, 99)
+    defaults = {f.name for cls in (FrontendConfig, MediaLimits) for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    assert not defaults & {"max_output_len", "image_max_bytes", "audio_max_bytes", "limits"}, defaults
 
 
 # --- the prompt length bound against real tokenizers -------------------------------------------
