@@ -9,6 +9,8 @@ import io
 from math import gcd
 
 import numpy as np
+
+from mmtriton.spec import ModelSpec
 import soundfile
 from PIL import Image
 from scipy.signal import firwin, kaiserord, resample_poly
@@ -172,3 +174,33 @@ def mfcc_reference_bandlimited(
     buf = io.BytesIO()
     soundfile.write(buf, signal, int(kwargs["sample_rate"]), format="WAV", subtype="FLOAT")
     return mfcc_reference(buf.getvalue(), **kwargs)
+
+
+#: The resampler's filter design in ``audio_preprocess/1/dali.py`` (pass band to 7.5 kHz, 1 kHz
+#: transition, 80 dB stop band), for references built with the same Kaiser design.
+RESAMPLER_SPEC = {"cutoff_hz": 7500.0, "transition_hz": 1000.0, "attenuation_db": 80.0}
+#: MFCC against the numpy reference on a resample_poly signal with the same Kaiser design, every
+#: frame. Integer decimation (48, 96 kHz) is the same filter, so the 16 kHz tolerance holds.
+#: Other rates first pass DALI's fractional interpolator (upsampling to 48 kHz), whose error floor
+#: is about -93 dB re peak; log-mel bins near the -80 dB floor amplify it in the high-order
+#: coefficients. Measured worst |diff| on every frame of the test clips: 0.019 (44.1 kHz), 0.044
+#: (22.05 kHz), 0.005 (88.2 kHz), 0.024 (32 kHz); docs/audio-resampling.md. Bound: 0.06.
+MFCC_ATOL = 1e-3
+MFCC_ATOL_FRACTIONAL = 0.06
+#: The model's sample rate in the tiny spec.
+MODEL_RATE = 16000
+
+
+def mfcc_tolerance(rate: int) -> float:
+    """The MFCC tolerance for a clip at ``rate``: 1e-3 where only integer decimation (or nothing)
+    happens, i.e. the model rate and the intermediate rates 48 and 96 kHz."""
+    return MFCC_ATOL if rate in (MODEL_RATE, 3 * MODEL_RATE, 6 * MODEL_RATE) else MFCC_ATOL_FRACTIONAL
+
+
+def mfcc_kwargs(spec: ModelSpec) -> dict:
+    """The MFCC settings of a spec, as :func:`mfcc_reference` takes them."""
+    a = spec.audio
+    return {
+        "sample_rate": a.sample_rate, "n_fft": a.n_fft, "hop_length": a.hop_length, "n_mels": a.n_mels,
+        "n_mfcc": a.n_mfcc, "preemphasis": a.preemphasis, "cutoff_db": a.cutoff_db, "norm_epsilon": a.norm_epsilon,
+    }

@@ -67,8 +67,7 @@ def test_gpu_mfcc_matches_cpu(cpu_repo: Path, gpu_hf_repo: Path, spec) -> None:
     """
     from mmtriton.media.preprocess import AudioPreprocessor
     from tests.reference import mfcc_reference_bandlimited
-    from tests.test_preprocess import _mfcc_kwargs
-    from tests.test_resample import RESAMPLER_SPEC, mfcc_tolerance
+    from tests.reference import RESAMPLER_SPEC, mfcc_kwargs, mfcc_tolerance
 
     cpu = AudioPreprocessor(cpu_repo / "audio_preprocess" / "1" / "dali.py")
     gpu = AudioPreprocessor(gpu_hf_repo / "audio_preprocess" / "1" / "dali.py")
@@ -81,7 +80,7 @@ def test_gpu_mfcc_matches_cpu(cpu_repo: Path, gpu_hf_repo: Path, spec) -> None:
         assert a[0].shape == b[0].shape
         np.testing.assert_allclose(b[0], a[0], atol=GPU_MFCC_ATOL, rtol=0)
     fractional = encode_audio(synthetic_audio(44100, 3.0, 2, seed=2), 44100, "FLAC")
-    ref = mfcc_reference_bandlimited(fractional, **RESAMPLER_SPEC, **_mfcc_kwargs(spec))
+    ref = mfcc_reference_bandlimited(fractional, **RESAMPLER_SPEC, **mfcc_kwargs(spec))
     for device in (cpu, gpu):
         (result,) = device([_u8(fractional)])
         assert result[0].shape == ref.shape

@@ -9,7 +9,14 @@ import pytest
 from mmtriton.spec import ModelSpec
 from mmtriton.media.preprocess import AudioPreprocessor, ImagePreprocessor
 from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
-from tests.reference import image_reference, mfcc_reference, mfcc_reference_bandlimited
+from tests.reference import (
+    RESAMPLER_SPEC,
+    image_reference,
+    mfcc_kwargs,
+    mfcc_reference,
+    mfcc_reference_bandlimited,
+    mfcc_tolerance,
+)
 
 
 def _u8(data: bytes) -> np.ndarray:
@@ -50,20 +57,6 @@ def test_image_matches_pil_reference(image_pre: ImagePreprocessor, spec: ModelSp
     assert diff.max() < IMAGE_MAX_TOL, f"max abs diff {diff.max():.4f}"
 
 
-def _mfcc_kwargs(spec: ModelSpec) -> dict:
-    a = spec.audio
-    return {
-        "sample_rate": a.sample_rate,
-        "n_fft": a.n_fft,
-        "hop_length": a.hop_length,
-        "n_mels": a.n_mels,
-        "n_mfcc": a.n_mfcc,
-        "preemphasis": a.preemphasis,
-        "cutoff_db": a.cutoff_db,
-        "norm_epsilon": a.norm_epsilon,
-    }
-
-
 @pytest.mark.parametrize(("rate", "channels", "fmt"), [(16000, 1, "WAV"), (16000, 2, "WAV"), (16000, 1, "FLAC")])
 def test_mfcc_native_rate_matches_numpy(audio_pre: AudioPreprocessor, spec: ModelSpec, rate: int, channels: int, fmt: str) -> None:
     """At the pipeline's own rate nothing is resampled: the MFCC chain must agree to 1e-3."""
@@ -71,7 +64,7 @@ def test_mfcc_native_rate_matches_numpy(audio_pre: AudioPreprocessor, spec: Mode
     (result,) = audio_pre([_u8(data)])
     assert not isinstance(result, Exception), result
     frames, length = result
-    ref = mfcc_reference(data, **_mfcc_kwargs(spec))
+    ref = mfcc_reference(data, **mfcc_kwargs(spec))
     assert frames.shape == ref.shape and int(length[0]) == ref.shape[0]
     np.testing.assert_allclose(frames, ref, atol=1e-3, rtol=0)
 
@@ -85,13 +78,12 @@ def test_mfcc_native_rate_matches_numpy(audio_pre: AudioPreprocessor, spec: Mode
     [(44100, 1, "WAV"), (44100, 2, "WAV"), (48000, 1, "WAV"), (48000, 2, "WAV"), (48000, 1, "FLAC"), (44100, 2, "FLAC")],
 )
 def test_mfcc_downsampled_matches_numpy(audio_pre: AudioPreprocessor, spec: ModelSpec, rate: int, channels: int, fmt: str) -> None:
-    from tests.test_resample import RESAMPLER_SPEC, mfcc_tolerance
 
     data = encode_audio(synthetic_audio(rate, 1.7, channels, seed=rate + channels), rate, fmt)
     (result,) = audio_pre([_u8(data)])
     assert not isinstance(result, Exception), result
     frames, _ = result
-    ref = mfcc_reference_bandlimited(data, **RESAMPLER_SPEC, **_mfcc_kwargs(spec))
+    ref = mfcc_reference_bandlimited(data, **RESAMPLER_SPEC, **mfcc_kwargs(spec))
     assert frames.shape == ref.shape
     np.testing.assert_allclose(frames, ref, atol=mfcc_tolerance(rate), rtol=0)
 
@@ -104,7 +96,7 @@ def test_mfcc_upsampled_8khz_matches_numpy(audio_pre: AudioPreprocessor, spec: M
     (result,) = audio_pre([_u8(data)])
     assert not isinstance(result, Exception), result
     frames, _ = result
-    ref = mfcc_reference(data, **_mfcc_kwargs(spec))
+    ref = mfcc_reference(data, **mfcc_kwargs(spec))
     assert frames.shape == ref.shape
     diff = np.abs(frames - ref)[3:-3, :13]
     assert diff.mean() < 0.12, f"mean {diff.mean():.4f}"

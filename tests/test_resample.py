@@ -26,32 +26,23 @@ from mmtriton.media.dali_runner import DaliRunner, SampleError, load_pipeline_mo
 from mmtriton.media.preprocess import AudioPreprocessor
 from mmtriton.contract import InputError
 from mmtriton.media.validation import MAX_AUDIO_SAMPLE_RATE
-from tests.reference import kaiser_lowpass_design, mfcc_reference_bandlimited
+from tests.reference import (
+    MODEL_RATE,
+    RESAMPLER_SPEC,
+    kaiser_lowpass_design,
+    mfcc_kwargs,
+    mfcc_reference_bandlimited,
+    mfcc_tolerance,
+)
 
-MODEL_RATE = 16000
 # The resampler's low-pass specification (docs/audio-resampling.md), stated here and checked
 # against dali.py's constants: -6 dB at 7.5 kHz, pass band to 7 kHz, stop band from 8 kHz.
-RESAMPLER_SPEC = {"cutoff_hz": 7500.0, "transition_hz": 1000.0, "attenuation_db": 80.0}
 # Stop-band requirement for tones above the model's Nyquist frequency, below a 1 kHz tone.
 STOPBAND_DB = 60.0
 # In-band noise power against scipy's resample_poly: band and tolerance.
 NOISE_BAND_HZ = 7000.0  # the filter's pass band ends at 7 kHz
 NOISE_TOL_DB = 0.5
-# MFCC against the numpy reference on a resample_poly signal with the same Kaiser design, every
-# frame. Integer decimation (48, 96 kHz) is the same filter, so the 16 kHz tolerance holds.
-# Other rates first pass DALI's fractional interpolator (upsampling to 48 kHz), whose error floor
-# is about -93 dB re peak; log-mel bins near the -80 dB floor amplify it in the high-order
-# coefficients. Measured worst |diff| on every frame of the clips below: 0.019 (44.1 kHz), 0.044
-# (22.05 kHz), 0.005 (88.2 kHz), 0.024 (32 kHz); docs/audio-resampling.md. Bound: 0.06.
 LOGGER = logging.getLogger(__name__)
-MFCC_ATOL = 1e-3
-MFCC_ATOL_FRACTIONAL = 0.06
-
-
-def mfcc_tolerance(rate: int) -> float:
-    """The MFCC tolerance for a clip at ``rate``: 1e-3 where only integer decimation (or nothing)
-    happens, i.e. the model rate and the intermediate rates 48 and 96 kHz."""
-    return MFCC_ATOL if rate in (MODEL_RATE, 3 * MODEL_RATE, 6 * MODEL_RATE) else MFCC_ATOL_FRACTIONAL
 
 
 def _u8(data: bytes) -> np.ndarray:
@@ -206,14 +197,6 @@ def test_rates_above_the_maximum_are_refused(audio_pre: AudioPreprocessor) -> No
     assert not isinstance(ok, Exception), ok
 
 
-def _mfcc_kwargs(spec: ModelSpec) -> dict:
-    a = spec.audio
-    return {
-        "sample_rate": a.sample_rate, "n_fft": a.n_fft, "hop_length": a.hop_length, "n_mels": a.n_mels,
-        "n_mfcc": a.n_mfcc, "preemphasis": a.preemphasis, "cutoff_db": a.cutoff_db, "norm_epsilon": a.norm_epsilon,
-    }
-
-
 @pytest.mark.parametrize(
     ("rate", "channels", "fmt"),
     [
@@ -232,7 +215,7 @@ def test_speech_like_mfcc_matches_bandlimited_reference(
     (result,) = audio_pre([_u8(data)])
     assert not isinstance(result, Exception), result
     frames, length = result
-    ref = mfcc_reference_bandlimited(data, **RESAMPLER_SPEC, **_mfcc_kwargs(spec))
+    ref = mfcc_reference_bandlimited(data, **RESAMPLER_SPEC, **mfcc_kwargs(spec))
     assert frames.shape == ref.shape and int(length[0]) == ref.shape[0]
     np.testing.assert_allclose(frames, ref, atol=mfcc_tolerance(rate), rtol=0)
 
