@@ -110,13 +110,9 @@ def server(cpu_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
     If any test failed, the tail of the server log is shown at the end.
     """
-    from mmtriton.serving.server import TritonServer
+    from tests.helpers.servers import make_server
 
-    srv = TritonServer(
-        model_repository=cpu_repo,
-        work_dir=tmp_path_factory.mktemp("server"),
-        pythonpath=[ROOT],
-    )
+    srv = make_server(cpu_repo, tmp_path_factory.mktemp("server"))
     srv.start()
     try:
         yield srv
@@ -168,12 +164,12 @@ def probe_server(cpu_repo: Path, work_dir: Path) -> "TritonServer":
     For liveness tests that freeze one of its stubs: the python backend aborts the whole
     server when a stopped stub is resumed, so such a server is never shared.
     """
-    from mmtriton.serving.server import TritonServer
 
-    return TritonServer(
-        model_repository=cpu_repo,
-        work_dir=work_dir,
-        pythonpath=[ROOT],
+    from tests.helpers.servers import make_server
+
+    return make_server(
+        cpu_repo,
+        work_dir,
         exit_timeout_s=3,
         extra_args=["--model-control-mode=explicit", "--load-model=embed_image", "--load-model=chat_text"],
     )

@@ -89,10 +89,10 @@ def test_gpu_mfcc_matches_cpu(cpu_repo: Path, gpu_hf_repo: Path, spec) -> None:
 
 @pytest.fixture(scope="module")
 def gpu_hf_server(gpu_hf_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator["TritonServer"]:
-    from mmtriton.serving.server import TritonServer
-    from tests.conftest import ROOT
 
-    srv = TritonServer(model_repository=gpu_hf_repo, work_dir=tmp_path_factory.mktemp("cuda-server"), pythonpath=[ROOT])
+    from tests.helpers.servers import make_server
+
+    srv = make_server(gpu_hf_repo, tmp_path_factory.mktemp("cuda-server"))
     srv.start()
     try:
         yield srv

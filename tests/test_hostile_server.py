@@ -32,7 +32,7 @@ from mmtriton.media.samples import encode_image, synthetic_image
 from mmtriton.serving.server import TritonServer
 from mmtriton.spec import ModelSpec
 from tests.bad_inputs import strip_png
-from tests.test_server_robustness import rss_mib
+from tests.helpers.servers import rss_mib
 
 #: tritonserver RSS growth allowed over the whole table (each case once); measured +0-20 MiB.
 RSS_BOUND_MIB = 64

@@ -24,7 +24,7 @@ import pytest
 from bench.triton_stats import metric_sum, scrape_metrics
 from mmtriton.serving.server import TritonServer
 from tests.conftest import BUILD
-from tests.test_openai_frontend import FrontDoor
+from tests.helpers.frontdoor import FrontDoor
 
 REQUESTS, WARMUP, CONCURRENCY, OUTPUT_TOKENS = 8, 2, 4, 8
 AIPERF_TIMEOUT_S = 300

@@ -143,7 +143,7 @@ def test_compose_healthcheck_command_passes_only_while_triton_answers(
     compose: dict, image_python: str, grpc_url: str, bundle_dir: Path, tmp_path: Path
 ) -> None:
     """The front door runs from the image's package set, and its healthcheck tells up from down."""
-    from tests.test_openai_frontend import FrontDoor
+    from tests.helpers.frontdoor import FrontDoor
 
     check = compose["services"]["openai"]["healthcheck"]["test"]
     assert check[:3] == ["CMD", "python3", "-c"]

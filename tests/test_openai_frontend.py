@@ -29,62 +29,7 @@ from mmtriton.media.samples import encode_image, synthetic_image
 from mmtriton.serving.server import TritonServer
 from tests.bad_inputs import corrupt_png_data
 from tests.conftest import ROOT
-from tests.test_openai_fetch import BodyServer, Listener
-
-START_TIMEOUT_S = 60.0
-
-
-class FrontDoor:
-    """``python -m openai_frontend`` in a process of its own, on a port it picks; stopped by its pid."""
-
-    def __init__(self, triton_url: str, bundle: Path, work: Path, *extra: str, python: str = sys.executable) -> None:
-        work.mkdir(parents=True, exist_ok=True)
-        port_file = work / "port"
-        port_file.unlink(missing_ok=True)
-        self.log_path = work / "frontend.log"
-        self.log = self.log_path.open("w")
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.process = subprocess.Popen(
-            [python, "-m", "openai_frontend", "--triton-url", triton_url, "--bundle", str(bundle),
-             "--port", "0", "--port-file", str(port_file), "--log-level", "debug", *extra],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        end = time.monotonic() + START_TIMEOUT_S
-        while not port_file.exists() or not port_file.read_text().strip():
-            if self.process.poll() is not None or time.monotonic() > end:
-                self.stop()
-                raise RuntimeError(f"front door did not start:\n{self.log_path.read_text()}")
-            time.sleep(0.1)
-        self.url = f"http://127.0.0.1:{int(port_file.read_text())}"
-        while True:
-            try:
-                httpx.get(f"{self.url}/v1/models", timeout=5).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if self.process.poll() is not None or time.monotonic() > end:
-                    self.stop()
-                    raise RuntimeError(f"front door did not answer:\n{self.log_path.read_text()}") from None
-                time.sleep(0.1)
-
-    def metrics(self) -> dict[str, float]:
-        from bench.triton_stats import parse_metrics
-
-        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
-        """Send ``sig`` to the process by its pid (unless it has ended) and wait; its exit code.
-
-        A process still running 15 s later is killed (and its exit code says so).
-        """
-        if self.process.poll() is None:
-            os.kill(self.process.pid, sig)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
-        self.log.close()
-        return self.process.returncode
+from tests.helpers.frontdoor import BodyServer, FrontDoor, Listener
 
 
 @pytest.fixture(scope="module")

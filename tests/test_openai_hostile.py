@@ -31,8 +31,7 @@ from openai_frontend.config import FrontendConfig
 from openai_frontend.media import longest_token_bytes
 from openai_frontend.request import REFUSED_FIELDS
 from tests.conftest import ROOT
-from tests.test_openai_fetch import DEADLINE_MARGIN_S, DripServer
-from tests.test_openai_frontend import FrontDoor
+from tests.helpers.frontdoor import DEADLINE_MARGIN_S, DripServer, FrontDoor
 
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 3.0

@@ -41,8 +41,7 @@ from mmtriton.media.samples import encode_audio, synthetic_audio, synthetic_imag
 from mmtriton.serving.server import TritonServer
 from mmtriton.spec import ModelSpec
 from tests.bad_inputs import corrupt_png_data, strip_png
-from tests.conftest import ROOT
-from tests.test_server_robustness import embed_grpc, embed_http, rss_mib, wait_idle
+from tests.helpers.servers import embed_grpc, embed_http, make_server, rss_mib, wait_idle
 
 LOGGER = logging.getLogger(__name__)
 EXIT_TIMEOUT_S = 30
@@ -131,12 +130,7 @@ def _png_noise(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def fserver(cpu_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    srv = TritonServer(
-        model_repository=cpu_repo,
-        work_dir=tmp_path_factory.mktemp("refused-server"),
-        pythonpath=[ROOT],
-        exit_timeout_s=EXIT_TIMEOUT_S,
-    )
+    srv = make_server(cpu_repo, tmp_path_factory.mktemp("refused-server"), exit_timeout_s=EXIT_TIMEOUT_S)
     srv.start()
     try:
         yield srv
@@ -266,7 +260,7 @@ def test_a_client_stream_left_open_is_reported_as_an_unclean_stop(
     from clients.llm import grpc_inputs, request_values
     from mmtriton.serving.server import serve_until_stopped
 
-    srv = TritonServer(model_repository=cpu_repo, work_dir=tmp_path, pythonpath=[ROOT], exit_timeout_s=3)
+    srv = make_server(cpu_repo, tmp_path, exit_timeout_s=3)
     srv.start()
     client = grpcclient.InferenceServerClient(srv.grpc_url)
     try:

@@ -20,6 +20,7 @@ from mmtriton.encoders.onnx_runtime import OnnxEncoder
 from mmtriton.media.preprocess import AudioPreprocessor, ImagePreprocessor
 from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
 from mmtriton.serving.server import ServerError, TritonServer
+from tests.helpers.servers import make_server
 from tests.bad_inputs import bad_audio, bad_images
 from tests.conftest import ROOT
 
@@ -140,7 +141,7 @@ def test_launcher_reports_a_broken_repository(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     (repo / "broken" / "1").mkdir(parents=True)
     (repo / "broken" / "config.pbtxt").write_text('name: "broken"\nbackend: "no_such_backend"\nmax_batch_size: 0\n')
-    server = TritonServer(model_repository=repo, work_dir=tmp_path / "work", ready_timeout_s=60)
+    server = make_server(repo, tmp_path / "work", ready_timeout_s=60)
     with pytest.raises(ServerError) as err:
         server.start()
     assert "no_such_backend" in str(err.value)
@@ -155,11 +156,8 @@ def test_gpu_trtllm_profile_input_checks_on_the_real_server(bundle_dir: Path, tm
     from build_engines.render import render_repository
 
     repo = render_repository(bundle_dir, tmp_path / "repo-gpu", "gpu-trtllm", engines_dir=tmp_path / "engines")
-    server = TritonServer(
-        model_repository=repo,
-        work_dir=tmp_path / "server",
-        extra_args=["--model-control-mode=explicit", "--load-model=image_check", "--load-model=audio_check"],
-        pythonpath=[ROOT],
+    server = make_server(
+        repo, tmp_path / "server", extra_args=["--model-control-mode=explicit", "--load-model=image_check", "--load-model=audio_check"]
     )
     cases = [
         ("image_check", "image", bad_images(spec)["truncated_jpeg"]),

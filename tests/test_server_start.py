@@ -25,6 +25,7 @@ from mmtriton.serving import server as server_mod
 from mmtriton.serving import ports as ports_mod
 from mmtriton.serving.ports import PortInUseError, PortReservation, ServerError, reserve_ports
 from mmtriton.serving.server import TritonServer
+from tests.helpers.servers import make_server
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 60.0
@@ -68,7 +69,7 @@ def busy_port() -> Iterator[int]:
 
 
 def _server(repo: Path, work: Path, **kwargs: object) -> TritonServer:
-    return TritonServer(model_repository=repo, work_dir=work, ready_timeout_s=READY_TIMEOUT_S, **kwargs)
+    return make_server(repo, work, ready_timeout_s=READY_TIMEOUT_S, **kwargs)
 
 
 def _echo(srv: TritonServer, values: list[float]) -> list[float]:

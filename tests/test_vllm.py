@@ -121,9 +121,10 @@ def gpu_bundle(request: pytest.FixtureRequest) -> Path:
 
 
 def _server(repo: Path, work: Path) -> "TritonServer":
-    from mmtriton.serving.server import TritonServer
 
-    return TritonServer(model_repository=repo, work_dir=work, pythonpath=[ROOT], ready_timeout_s=600).start()
+    from tests.helpers.servers import make_server
+
+    return make_server(repo, work, ready_timeout_s=600).start()
 
 
 @pytest.fixture(scope="module")
