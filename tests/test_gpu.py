@@ -102,19 +102,9 @@ def gpu_hf_server(gpu_hf_repo: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_served_cuda_ensemble_matches_cpu_greedy(gpu_hf_server: "TritonServer", server: "TritonServer") -> None:
     """The same requests through the cuda and the cpu repositories give the same greedy tokens."""
-    from clients.llm import ChatClient, Sampling
+    from tests.helpers.servers import greedy_answers
 
-    # PNG decodes on the CPU under "mixed" too, so both sides start from identical pixels.
-    image = encode_image(synthetic_image(640, 480, seed=5), "PNG")
-    audio = encode_audio(synthetic_audio(16000, 2.0, seed=6), 16000, "WAV")
-    gpu, cpu = ChatClient(gpu_hf_server.grpc_url), ChatClient(server.grpc_url)
-    results = {}
-    for name, kwargs in {"text": {}, "image+audio": {"image": image, "audio": audio}}.items():
-        sampling = Sampling(max_tokens=32, ignore_eos=True)
-        a = cpu.generate("Describe everything.", sampling=sampling, **kwargs)
-        b = gpu.generate("Describe everything.", sampling=sampling, **kwargs)
-        same = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
-        results[name] = {"cpu": a.token_ids, "gpu-hf": b.token_ids, "first_difference": same}
+    results = greedy_answers(server, gpu_hf_server, ("cpu", "gpu-hf"))
     print(json.dumps(results))
     # Text only: exact. The tiny bundle runs in float32 on both (PyTorch leaves TF32 matmuls off).
     assert results["text"]["gpu-hf"] == results["text"]["cpu"], results["text"]["first_difference"]

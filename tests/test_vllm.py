@@ -20,7 +20,7 @@ import pytest
 
 from build_engines.render import load_repository_configs, render_repository
 from mmtriton.llm.generation import GenerationRequest
-from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+from mmtriton.media.samples import encode_image, synthetic_image
 from mmtriton.spec import SpecError
 from mmtriton.llm.vllm_engine import OutputFilter, sampling_kwargs
 
@@ -143,18 +143,9 @@ def servers(gpu_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 @pytest.mark.gpu
 def test_served_vllm_matches_the_transformers_engine(servers: dict) -> None:
-    from clients.llm import ChatClient, Sampling
+    from tests.helpers.servers import greedy_answers
 
-    image = encode_image(synthetic_image(640, 480, seed=5), "PNG")
-    audio = encode_audio(synthetic_audio(16000, 2.0, seed=6), 16000, "WAV")
-    vllm, hf = ChatClient(servers["vllm"].grpc_url), ChatClient(servers["hf"].grpc_url)
-    results = {}
-    for name, kwargs in {"text": {}, "image+audio": {"image": image, "audio": audio}}.items():
-        sampling = Sampling(max_tokens=32, ignore_eos=True)
-        a = hf.generate("Describe everything.", sampling=sampling, **kwargs)
-        b = vllm.generate("Describe everything.", sampling=sampling, **kwargs)
-        same = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
-        results[name] = {"hf": a.token_ids, "vllm": b.token_ids, "first_difference": same, "n": len(b.token_ids)}
+    results = greedy_answers(servers["hf"], servers["vllm"], ("hf", "vllm"))
     print(json.dumps(results))
     for name, r in results.items():
         assert r["n"] == 32, (name, r)

@@ -129,3 +129,32 @@ def embed_http(url: str, image: bytes, audio: bytes) -> tuple[np.ndarray, np.nda
         raise from_triton_exception(err) from None
     finally:
         client.close()
+
+
+def greedy_answers(reference: TritonServer, other: TritonServer, names: tuple[str, str]) -> dict[str, dict]:
+    """The same greedy requests (text only; a PNG and a WAV) through two servers, 32 tokens each.
+
+    Args:
+        reference: The server the other is compared with.
+        other: The server under test.
+        names: How the two are named in the result (e.g. ``("cpu", "gpu-hf")``).
+
+    Returns:
+        Per request kind: each server's token ids, ``first_difference`` (the first index where
+        they differ, or the length when they agree) and ``n`` (the other's token count).
+    """
+    from clients.llm import ChatClient, Sampling
+    from mmtriton.media.samples import encode_audio, encode_image, synthetic_audio, synthetic_image
+
+    # PNG decodes on the CPU under "mixed" too, so both sides start from identical pixels.
+    image = encode_image(synthetic_image(640, 480, seed=5), "PNG")
+    audio = encode_audio(synthetic_audio(16000, 2.0, seed=6), 16000, "WAV")
+    first, second = ChatClient(reference.grpc_url), ChatClient(other.grpc_url)
+    results = {}
+    for kind, media in {"text": {}, "image+audio": {"image": image, "audio": audio}}.items():
+        sampling = Sampling(max_tokens=32, ignore_eos=True)
+        a = first.generate("Describe everything.", sampling=sampling, **media).token_ids
+        b = second.generate("Describe everything.", sampling=sampling, **media).token_ids
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        results[kind] = {names[0]: a, names[1]: b, "first_difference": same, "n": len(b)}
+    return results
