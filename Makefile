@@ -8,7 +8,11 @@ PY := $(VENV)/bin/python
 BUILD ?= build
 SPEC ?= build_engines/specs/tiny.toml
 PROFILE ?= cpu
-SPEC_NAME := $(shell sed -n 's/^name = "\(.*\)"/\1/p' $(SPEC))
+# Spec values are read by mmtriton/spec.py (python -m build_engines.spec_value: any TOML spacing or quoting, and
+# the spec's defaults for keys it leaves out), with the venv's Python once make setup made it, else PYTHON (>= 3.11).
+SPEC_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+spec_value = $(shell $(SPEC_PY) -m build_engines.spec_value --spec $(1) $(2))
+SPEC_NAME := $(call spec_value,$(SPEC),name)
 BUNDLE := $(BUILD)/bundles/$(SPEC_NAME)
 REPO ?= $(BUILD)/repo-$(PROFILE)-$(SPEC_NAME)
 SAMPLES := $(BUILD)/samples
@@ -43,9 +47,17 @@ $(VENV)/.installed: requirements.txt
 		echo "error: PYTHON=$(PYTHON) is Python $$1.$$2, but this project needs Python >=3.$$low,<3.$$high" \
 			"(pyproject.toml requires-python); run e.g. make setup PYTHON=python3.$$low" >&2; exit 1; \
 	fi
+	@echo "setup: [1/3] creating $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "setup: [2/3] upgrading pip"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	@echo "setup: [3/3] installing the pinned wheels of requirements.txt (torch, transformers, Triton, DALI and" \
+		"their dependencies: about 2 minutes on a fresh machine), one line per package ..."
+	@set -o pipefail; start=$$SECONDS; \
+	$(PY) -m pip install --progress-bar off -r requirements.txt | sed -u -n \
+		-e 's/^Collecting \([^ ]*\).*/  \1/p' -e 's/^Processing .*\/\([^/-]*\)-\([^/-]*\)-[^/]*\.whl.*/  \1==\2/p' \
+		-e 's/^Installing collected packages:.*/  installing the collected packages .../p'; \
+	echo "setup: done in $$((SECONDS - start)) s"
 	touch $@
 
 build-engines: setup ## build the bundle for SPEC and render the PROFILE repository into $(REPO)
@@ -97,7 +109,7 @@ test: build-engines aiperf-setup ## run the test suite (starts its own tritonser
 # gpu-* targets: SPEC when given (command line or environment), else the GPU smoke spec. tiny.toml
 # (the cpu default) has head size 16, which the TensorRT-LLM attention plugin cannot build.
 GPU_SPEC := $(if $(filter file,$(origin SPEC)),build_engines/specs/tiny-gpu.toml,$(SPEC))
-GPU_SPEC_NAME := $(shell sed -n 's/^name = "\(.*\)"/\1/p' $(GPU_SPEC))
+GPU_SPEC_NAME := $(call spec_value,$(GPU_SPEC),name)
 GPU_BUNDLE := $(BUILD)/bundles/$(GPU_SPEC_NAME)
 
 gpu-plan: setup ## print the TP=2 GPU build plan (convert, trtllm-build, trtexec) for SPEC (default tiny-gpu) without running it
@@ -114,8 +126,17 @@ gpu-engines: setup ## GPU host: build the bundle (host), then engines, encoder p
 gpu-up: ## GPU host: serve with TP=2 (mpirun leader mode) on ports 8000/8001/8002
 	SPEC_NAME=$(GPU_SPEC_NAME) docker compose up -d triton
 
-# gpu-vllm: GPUs reserved = the spec's [serving] tensor_parallel_size (1 when the spec leaves it out).
-GPU_VLLM_TP := $(or $(shell sed -n 's/^tensor_parallel_size = \([0-9][0-9]*\).*/\1/p' $(GPU_SPEC)),1)
+# gpu-vllm: GPUs reserved = the spec's [serving] tensor_parallel_size (mmtriton/spec.py's default when it leaves it out).
+GPU_VLLM_TP := $(call spec_value,$(GPU_SPEC),serving.tensor_parallel_size)
+
+# A spec that cannot be read (the message is above) stops every target that names the spec's folders.
+SPEC_FREE_GOALS := help setup clean check-deploy samples embed chat bench-url aiperf-setup gpu-image gpu-vllm-image \
+	openai-image monitoring-up
+ifneq ($(filter-out $(SPEC_FREE_GOALS),$(or $(MAKECMDGOALS),help)),)
+ifeq ($(and $(SPEC_NAME),$(GPU_SPEC_NAME),$(GPU_VLLM_TP)),)
+$(error cannot read the spec SPEC=$(SPEC) (or $(GPU_SPEC)) with $(SPEC_PY): it needs Python >= 3.11 (make setup PYTHON=python3.11) and a valid spec)
+endif
+endif
 
 gpu-vllm-image: ## GPU host: build the vLLM serving image (Dockerfile.vllm: Triton 25.11 + vLLM 0.26.0 + DALI backend)
 	docker compose --profile vllm build triton-vllm

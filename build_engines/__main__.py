@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from build_engines.bundle_manifest import bundle_is_current
 from build_engines.render import PROFILES, RenderError, render_repository
 from mmtriton.spec import SpecError, load_spec
 
@@ -21,9 +22,12 @@ LOGGER = logging.getLogger("build_engines")
 
 
 def _bundle(spec_path: Path, out: Path, force: bool, device: str = "cpu") -> Path:
+    """The bundle of a spec, built unless ``out`` already holds it (checked without importing torch)."""
+    spec = load_spec(spec_path)
+    if not force and bundle_is_current(out, spec):
+        return out
     from build_engines.bundle import build_bundle  # torch import is slow; only when needed
 
-    spec = load_spec(spec_path)
     return build_bundle(spec, out, force=force, device=device)
 
 
@@ -33,15 +37,17 @@ def _gpu_engines(spec_path: Path, bundle: Path, engines: Path) -> None:
     Elsewhere (CI) the full build plan is printed and the step is reported as skipped;
     the gpu repository is still rendered and checked.
     """
-    from build_engines import trtllm_build as gpu
+    from build_engines.trtllm_build import run_plan
+    from build_engines.trtllm_checks import preflight
+    from build_engines.trtllm_plan import describe_plan, plan_gpu_build
 
-    plan = gpu.plan_gpu_build(load_spec(spec_path), bundle, engines)
-    missing = gpu.preflight(plan)
+    plan = plan_gpu_build(load_spec(spec_path), bundle, engines)
+    missing = preflight(plan)
     if missing:
         LOGGER.warning("skipped the GPU build (%s); this is the plan it would run:", "; ".join(missing))
-        print(gpu.describe_plan(plan))  # noqa: T201 - the plan is this command's output
+        print(describe_plan(plan))  # noqa: T201 - the plan is this command's output
         return
-    gpu.run_plan(plan)
+    run_plan(plan)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,11 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECTION.KEY=VALUE",
         help="override a spec value for this repository only, e.g. serving.max_batch_size=1",
     )
+    p_render.add_argument("--force", action="store_true", help="render even if nothing changed since the last render")
     p_all = sub.add_parser("all", help="bundle, then render (folders named by spec and profile)")
     p_all.add_argument("--spec", type=Path, required=True)
     p_all.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     p_all.add_argument("--build-dir", type=Path, default=Path("build"))
-    p_all.add_argument("--force", action="store_true")
+    p_all.add_argument("--force", action="store_true", help="rebuild the bundle and render even if up to date")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -82,14 +89,17 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 parser.error(f"--set expects SECTION.KEY=VALUE, got {bad}")
             overrides = dict(item.split("=", 1) for item in args.set)
-            render_repository(args.bundle, args.out, args.profile, overrides=overrides, engines_dir=args.engines)
+            render_repository(
+                args.bundle, args.out, args.profile, overrides=overrides, engines_dir=args.engines, force=args.force
+            )
         else:
             name = load_spec(args.spec).name
             bundle = _bundle(args.spec, args.build_dir / "bundles" / name, args.force)
             engines = args.build_dir / "engines" / name
             if args.profile == "gpu-trtllm":
                 _gpu_engines(args.spec, bundle, engines)
-            render_repository(bundle, args.build_dir / f"repo-{args.profile}-{name}", args.profile, engines_dir=engines)
+            repo = args.build_dir / f"repo-{args.profile}-{name}"
+            render_repository(bundle, repo, args.profile, engines_dir=engines, force=args.force)
     except (SpecError, RenderError, FileNotFoundError) as err:
         LOGGER.error("%s", err)
         return 2

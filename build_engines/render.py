@@ -4,7 +4,8 @@ Each ``model_repository/<model>/config.pbtxt`` is a template rendered with
 strict substitution: a ``${key}`` with no value is an error, never a leftover.
 Ensemble configs are generated from :mod:`build_engines.ensembles`. Every
 rendered config is parsed with Triton's ``model_config_pb2`` and the ensemble
-wiring is checked before any server sees the repository.
+wiring is checked before any server sees the repository. A repository whose inputs
+did not change since it was rendered is left as it is (:mod:`build_engines.render_stamp`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines.ensembles import Ensemble, all_ensembles, build_ensemble, check_wiring
+from build_engines.render_stamp import is_unchanged, render_key, write_render_stamp
 from build_engines.trtllm_facts import ENGINE_DTYPE_TO_TRITON, all_parameters, check_backend_parameters, parse_bool
-from mmtriton.spec import ModelSpec, prompt_table_rows_per_request, spec_from_dict, with_overrides
 from mmtriton.serving.triton_config import ModelConfigError, parse_model_config
+from mmtriton.spec import ModelSpec, prompt_table_rows_per_request, spec_from_dict, with_overrides
 
 LOGGER = logging.getLogger(__name__)
 
@@ -376,20 +378,26 @@ def render_repository(
     ensembles: tuple[Ensemble, ...] | None = None,
     overrides: dict[str, str] | None = None,
     engines_dir: Path | None = None,
+    force: bool = False,
 ) -> Path:
     """Render a complete model repository for a bundle and a profile.
+
+    Nothing is written when ``out_dir`` was rendered from the same inputs and is as that
+    render left it (:mod:`build_engines.render_stamp`); one log line says so.
 
     Args:
         bundle_dir: A bundle built by :func:`build_engines.bundle.build_bundle`.
         out_dir: Repository folder to (re)create.
-        profile_name: ``cpu``, ``cuda`` or ``gpu`` (see :data:`PROFILES`).
+        profile_name: One of :data:`PROFILES` (``cpu``, ``gpu-hf``, ``gpu-vllm``, ``gpu-trtllm``).
         template_root: Folder of model templates (tests point it at broken copies).
         ensembles: Ensemble descriptions to generate (default: the profile's).
         overrides: Serving-time spec changes for this repository only, as
             ``{"serving.max_batch_size": "1"}`` (the bundle is not rebuilt).
-        engines_dir: ``gpu`` profile: the output folder of ``python -m build_engines.trtllm_build``;
-            its planned engine and plan paths go into the configs (plans not built yet
+        engines_dir: ``gpu-trtllm`` profile: the output folder of ``python -m build_engines.trtllm_build``;
+            the engine and plan paths of the build there go into the configs
+            (:func:`build_engines.trtllm_plan.plan_for_engines`; plans not built yet
             are reported, not fatal: the configs can be checked before any GPU build).
+        force: Render even when nothing changed.
 
     Returns:
         ``out_dir``, after every config parsed and the wiring check passed.
@@ -406,15 +414,21 @@ def render_repository(
         spec = with_overrides(spec, overrides)
     values = template_values(spec, bundle, profile)
     vision_plan = None
+    engine_files: list[Path] = []
     if profile.llm_backend == "tensorrtllm":
         if engines_dir is None:
             raise RenderError("the gpu-trtllm profile needs --engines (the folder python -m build_engines.trtllm_build writes)")
-        from build_engines.trtllm_build import plan_gpu_build
+        from build_engines.trtllm_plan import MANIFEST_NAME, plan_for_engines
+        from build_engines.trtllm_settings import GpuBuildError
         from mmtriton.serving.engine_folder import EngineConfigError, read_engine_dtype
 
-        plan = plan_gpu_build(spec, bundle_dir, Path(engines_dir))
+        try:
+            plan = plan_for_engines(spec, bundle_dir, Path(engines_dir))
+        except GpuBuildError as err:
+            raise RenderError(str(err)) from None
         values["engine_dir"] = str(plan.engine_dir.resolve())
         vision_plan = plan.vision_plan
+        engine_files = [Path(engines_dir) / MANIFEST_NAME, plan.engine_dir / "config.json"]
         try:
             engine_dtype = read_engine_dtype(plan.engine_dir) or plan.llm.dtype
         except EngineConfigError as err:
@@ -423,6 +437,21 @@ def render_repository(
             # The backend drops a gpt_model_path that does not exist and then fails with
             # "Both encoder and decoder model paths are empty" (model_instance_state.cc).
             LOGGER.warning("tensorrt_llm: engine %s not built yet (needs a GPU); config only", plan.engine_dir)
+    key = render_key(
+        bundle_dir,
+        profile.name,
+        overrides or {},
+        template_root,
+        ensembles=ensembles,
+        engine_files=engine_files,
+        plan_files=[vision_plan] if vision_plan is not None else [],
+    )
+    if not force and is_unchanged(out_dir, key):
+        LOGGER.info(
+            "%s is up to date: bundle, spec, profile, templates and renderer unchanged since its last render; skipped",
+            out_dir,
+        )
+        return out_dir
     if ensembles is None:
         ensembles = all_ensembles(checked=profile.checked_inputs)
     staging = out_dir.with_name(out_dir.name + ".tmp")
@@ -478,6 +507,7 @@ def render_repository(
         "overrides": overrides or {},
     }
     (staging / "repository.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_render_stamp(staging, key)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     LOGGER.info("rendered %s profile repository for %s into %s", profile.name, spec.name, out_dir)

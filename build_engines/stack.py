@@ -2,7 +2,7 @@
 
 One file names the Triton images, the TensorRT-LLM and TensorRT versions and
 where their tools live inside the image (gpu-trtllm profile), and the vLLM image's
-base, torch stack and wheel set (gpu-vllm profile). ``build_engines.trtllm_build`` takes its tool
+base, torch stack and wheel set (gpu-vllm profile). ``build_engines.trtllm_plan`` takes its tool
 paths from here; the tests check that ``Dockerfile``, ``Dockerfile.vllm`` and ``docker-compose.yml``
 use exactly these images and versions, so a version bump is one edit plus a green test run.
 """

@@ -1,19 +1,24 @@
-"""Running a plan of stamped command steps: each step writes a stamp when it finishes.
+"""Stamped, resumable work: a step writes a stamp when it finishes, and a rerun skips it while it is current.
 
-A rerun skips a step whose stamp holds exactly its command and whose outputs exist,
-so an interrupted multi-hour build resumes where it stopped. The TensorRT-LLM build
-plan (``build_engines/trtllm_build.py``) is one user of it.
+A stamp is a small JSON file holding the step's key: for a command step
+(:class:`BuildStep`) its argv, for a render the content hash of its inputs. A rerun skips
+a step whose stamp holds exactly its key and whose outputs exist, so an interrupted
+multi-hour build resumes where it stopped and an unchanged repository is not rendered
+again. Users: the TensorRT-LLM build plan (``build_engines/trtllm_build.py``) and the
+renderer (``build_engines/render.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 STAMP_NAME = ".gpu-step.json"
 
@@ -59,15 +64,56 @@ def stamp_path(step: BuildStep) -> Path:
     return step.output_dir / STAMP_NAME
 
 
-def is_up_to_date(step: BuildStep) -> bool:
-    """True when a previous run of exactly this command finished and its outputs exist."""
-    stamp = stamp_path(step)
-    if not stamp.is_file() or not all(p.is_file() for p in step.outputs):
+def step_key(step: BuildStep) -> dict[str, Any]:
+    """What a command step's stamp holds: its argv."""
+    return {"argv": list(step.argv)}
+
+
+def is_current(stamp: Path, key: dict[str, Any], outputs: Iterable[Path]) -> bool:
+    """True when ``stamp`` holds every item of ``key`` unchanged and every output exists.
+
+    Args:
+        stamp: The stamp file.
+        key: What identifies the work (an argv, an input hash).
+        outputs: Files the work wrote.
+
+    Returns:
+        Whether the work can be skipped.
+    """
+    if not stamp.is_file() or not all(p.is_file() for p in outputs):
         return False
     try:
-        return json.loads(stamp.read_text()).get("argv") == list(step.argv)
-    except json.JSONDecodeError:
+        data = json.loads(stamp.read_text())
+    except (OSError, json.JSONDecodeError):
         return False
+    return isinstance(data, dict) and all(data.get(name) == value for name, value in key.items())
+
+
+def write_stamp(stamp: Path, key: dict[str, Any]) -> None:
+    """Record that the work identified by ``key`` finished (written last, after its outputs)."""
+    stamp.write_text(json.dumps(key, indent=2) + "\n")
+
+
+def is_up_to_date(step: BuildStep) -> bool:
+    """True when a previous run of exactly this command finished and its outputs exist."""
+    return is_current(stamp_path(step), step_key(step), step.outputs)
+
+
+def content_digest(parts: Iterable[tuple[str, bytes]]) -> str:
+    """SHA-256 over named byte strings (names and contents both count, in the order given).
+
+    Args:
+        parts: ``(name, content)`` pairs, e.g. a file's relative path and its bytes.
+
+    Returns:
+        The hex digest.
+    """
+    digest = hashlib.sha256()
+    for name, content in parts:
+        for piece in (name.encode(), content):
+            digest.update(len(piece).to_bytes(8, "little"))
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 @dataclass

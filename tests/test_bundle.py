@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from build_engines.bundle import BundleError, build_bundle, load_bundle, relative_error
-from mmtriton.spec import ModelSpec, load_spec
+from build_engines.bundle import build_bundle
+from build_engines.bundle_encoders import relative_error
+from build_engines.bundle_manifest import BundleError, load_bundle
 from mmtriton.encoders.modules import AudioEncoder, VisionEncoder
 from mmtriton.encoders.onnx_runtime import OnnxEncoder
+from mmtriton.spec import ModelSpec, load_spec
 
 REPO = Path(__file__).parents[1]
 SPECIAL_TOKENS = [
@@ -223,3 +226,12 @@ def test_mismatched_onnx_is_rejected(spec: ModelSpec, bundle_dir: Path, tmp_path
     wrong = dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, onnx=audio_onnx))
     with pytest.raises(BundleError, match="expected"):
         build_bundle(wrong, tmp_path / "wrong")
+
+
+@pytest.mark.parametrize("spec_path", sorted((REPO / "build_engines" / "specs").glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_specs_name_only_files_that_exist(spec_path: Path) -> None:
+    """A spec's comments point readers at other files of the repository: each must be there."""
+    comments = "\n".join(line.partition("#")[2] for line in spec_path.read_text().splitlines() if "#" in line)
+    named = re.findall(r"\b((?:build_engines|docs|mmtriton|model_repository|tools|tests)/[\w./-]*\w|README\.md)", comments)
+    missing = [name for name in named if not (REPO / name).exists()]
+    assert missing == [], f"{spec_path.name} names files that do not exist: {missing}"

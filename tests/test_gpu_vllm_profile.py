@@ -316,6 +316,35 @@ def test_make_targets_exist_and_build_the_vllm_image() -> None:
     assert "SPEC_NAME=tiny-gpu VLLM_GPUS=1 docker compose --profile vllm up -d triton-vllm" in dry
 
 
+def test_make_reads_the_spec_whatever_its_toml_spacing(tmp_path: Path) -> None:
+    """The Makefile reads name and tensor_parallel_size through mmtriton/spec.py: quotes, spacing and defaults."""
+    text = TINY_GPU_SPEC.read_text()
+    odd = tmp_path / "odd.toml"
+    odd.write_text(
+        text.replace('name = "tiny-gpu"', "name='odd-spaced'  # a comment")
+        .replace("tensor_parallel_size = 1 ", "tensor_parallel_size=2 ")
+    )
+    dry = make_dry_run("gpu-vllm-up", f"SPEC={odd}")
+    assert "SPEC_NAME=odd-spaced VLLM_GPUS=2 docker compose --profile vllm up -d triton-vllm" in dry
+    assert "--out build/bundles/odd-spaced" in dry
+    assert "--repo build/repo-cpu-odd-spaced " in make_dry_run("demo", f"SPEC={odd}")
+    # A spec that leaves tensor_parallel_size out gets the spec format's default, not one the Makefile restates.
+    default = tmp_path / "default.toml"
+    default.write_text(re.sub(r"(?m)^tensor_parallel_size = .*\n", "", text))
+    assert "tensor_parallel_size" not in default.read_text()
+    assert load_spec(default).serving.tensor_parallel_size == 1
+    assert "SPEC_NAME=tiny-gpu VLLM_GPUS=1 " in make_dry_run("gpu-vllm-up", f"SPEC={default}")
+    # A spec that cannot be read stops make before any command runs.
+    broken = tmp_path / "broken.toml"
+    broken.write_text(text.replace("[serving]", "[serving]\nbogus = 1"))
+    env = {k: v for k, v in os.environ.items() if k not in ("SPEC", "MAKEFLAGS", "MAKELEVEL")}
+    result = subprocess.run(
+        ["make", "-n", "demo", f"SPEC={broken}"], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode != 0 and "unknown key(s) ['bogus']" in result.stderr
+    assert f"cannot read the spec SPEC={broken}" in result.stderr and result.stdout == ""
+
+
 def test_docs_name_the_vllm_commands() -> None:
     docs = (ROOT / "docs" / "gpu-hosts.md").read_text()
     section = docs[docs.index("## vLLM profile") :]

@@ -300,16 +300,16 @@ def test_gpus_equal_tensor_parallel_size(overlay: str, tmp_path: Path) -> None:
         assert gpus == tp == spec.serving.tensor_parallel_size
         assert "nvidia.com/gpu" not in build.get("resources", {}).get("limits", {}), "rendering needs no GPU"
     else:
-        from build_engines import trtllm_build
-        from tests.test_gpu_trtllm_profile import _onnx_model, write_fake_engine
+        from build_engines import encoder_io, trtllm_plan
+        from tests.test_gpu_trtllm_build import _onnx_model, write_fake_engine
 
         bundle = tmp_path / "bundle"
         (bundle / "llm").mkdir(parents=True)
         (bundle / "llm" / "config.json").write_text("{}")
-        _onnx_model(bundle / "vision_encoder" / "model.onnx", trtllm_build.VISION_IO)
-        _onnx_model(bundle / "audio_encoder" / "model.onnx", trtllm_build.AUDIO_IO)
+        _onnx_model(bundle / "vision_encoder" / "model.onnx", encoder_io.VISION_IO)
+        _onnx_model(bundle / "audio_encoder" / "model.onnx", encoder_io.AUDIO_IO)
         (bundle / "bundle.json").write_text(json.dumps({"spec": spec.to_dict()}))
-        plan = trtllm_build.plan_gpu_build(spec, bundle, tmp_path / "engines")
+        plan = trtllm_plan.plan_gpu_build(spec, bundle, tmp_path / "engines")
         command = triton["command"]
         assert command[:3] == ["python3", "-m", "mmtriton.tp_launcher"]
         assert arg(command, "--model-repository") == repo

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
 
+from build_engines.__main__ import main as build_engines_main
 from build_engines.ensembles import ENSEMBLES, Ensemble, Step, check_wiring
 from build_engines.render import TEMPLATE_ROOT, RenderError, load_repository_configs, render_repository
-from mmtriton.spec import ModelSpec
+from build_engines.render_stamp import STAMP_NAME
+from mmtriton.spec import ModelSpec, spec_from_dict
+
+SKIPPED = "unchanged since its last render; skipped"
 
 
 @pytest.fixture()
@@ -25,6 +31,11 @@ def _edit(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text, f"{old!r} not in {path}"
     path.write_text(text.replace(old, new, 1))
+
+
+def _mtimes(repo: Path) -> dict[str, int]:
+    """Modification time of every file of a rendered repository, the stamp included."""
+    return {p.relative_to(repo).as_posix(): p.stat().st_mtime_ns for p in repo.rglob("*") if p.is_file()}
 
 
 def test_rendered_repository_is_complete(cpu_repo: Path, spec: ModelSpec) -> None:
@@ -163,7 +174,7 @@ def mc_step(model: str, inputs: dict[str, str], outputs: dict[str, str]):
 
 def test_gpu_repository_renders_in_full(bundle_dir: Path, tmp_path: Path) -> None:
     """The production profile from the same templates: schema and wiring pass, every field explicit."""
-    from build_engines import trtllm_build as gpu
+    from build_engines.trtllm_plan import plan_gpu_build
     from mmtriton.spec import spec_from_dict
 
     engines = tmp_path / "engines"
@@ -174,7 +185,7 @@ def test_gpu_repository_renders_in_full(bundle_dir: Path, tmp_path: Path) -> Non
     assert llm.backend == "tensorrtllm" and llm.model_transaction_policy.decoupled
     params = {k: v.string_value for k, v in llm.parameters.items()}
     spec = spec_from_dict(__import__("json").loads((bundle_dir / "bundle.json").read_text())["spec"])
-    plan = gpu.plan_gpu_build(spec, bundle_dir, engines)
+    plan = plan_gpu_build(spec, bundle_dir, engines)
     assert params["gpt_model_type"] == "inflight_fused_batching"
     assert params["gpt_model_path"] == str(plan.engine_dir.resolve())
     assert params["exclude_input_in_output"] == "true"
@@ -221,3 +232,109 @@ def test_cuda_profile_encoders_match_onnx(bundle_dir: Path, tmp_path: Path) -> N
     for got, want in zip(encode_audio(audio, frames, [50, 17]), encode_audio(onnx_audio, frames, [50, 17])):
         assert got.shape == want.shape
         np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-3)
+
+
+# --- re-rendering only what changed ------------------------------------------------------------
+
+
+def test_an_unchanged_render_is_skipped(
+    bundle_dir: Path, templates: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rendering twice writes nothing the second time and says so; a changed template or spec renders again."""
+    caplog.set_level(logging.INFO, logger="build_engines")
+    repo = render_repository(bundle_dir, tmp_path / "repo", template_root=templates)
+    assert (repo / STAMP_NAME).is_file() and SKIPPED not in caplog.text
+    before = _mtimes(repo)
+    assert len(before) > 20
+
+    caplog.clear()
+    assert render_repository(bundle_dir, repo, template_root=templates) == repo
+    assert _mtimes(repo) == before
+    skipped = [r.getMessage() for r in caplog.records if SKIPPED in r.getMessage()]
+    assert skipped == [f"{repo} is up to date: bundle, spec, profile, templates and renderer {SKIPPED}"]
+
+    # A template changed: rendered again, with the change.
+    _edit(templates / "vision_encoder" / "config.pbtxt", "max_batch_size: ${max_batch_size}", "max_batch_size: 2")
+    caplog.clear()
+    render_repository(bundle_dir, repo, template_root=templates)
+    assert SKIPPED not in caplog.text and "rendered cpu profile repository" in caplog.text
+    assert load_repository_configs(repo)["vision_encoder"].max_batch_size == 2
+    assert _mtimes(repo)["vision_encoder/config.pbtxt"] != before["vision_encoder/config.pbtxt"]
+
+    # A spec value changed (an override here; a changed spec file changes bundle.json, see below): again.
+    render_repository(bundle_dir, repo, template_root=templates)
+    caplog.clear()
+    render_repository(bundle_dir, repo, template_root=templates, overrides={"serving.max_queue_delay_us": "3000"})
+    assert SKIPPED not in caplog.text
+    assert load_repository_configs(repo)["audio_encoder"].dynamic_batching.max_queue_delay_microseconds == 3000
+
+    # Another profile, a hand-edited output and force each render again too.
+    for kwargs in ({"profile_name": "gpu-hf"}, {"profile_name": "gpu-hf", "force": True}):
+        caplog.clear()
+        render_repository(bundle_dir, repo, template_root=templates, **kwargs)
+        assert SKIPPED not in caplog.text, kwargs
+    config = repo / "tensorrt_llm" / "config.pbtxt"
+    rendered = config.read_text()
+    config.write_text(rendered.replace("max_batch_size", "max_batch_sise"))
+    caplog.clear()
+    render_repository(bundle_dir, repo, "gpu-hf", template_root=templates)
+    assert SKIPPED not in caplog.text and config.read_text() == rendered
+
+
+def test_build_engines_all_skips_an_unchanged_bundle_and_repository(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What make serve runs before every start: the second run leaves every file alone; a spec change rebuilds."""
+    spec_path = tmp_path / "tiny.toml"
+    shutil.copy(Path(__file__).resolve().parents[1] / "build_engines" / "specs" / "tiny.toml", spec_path)
+    argv = ["all", "--spec", str(spec_path), "--profile", "cpu", "--build-dir", str(tmp_path / "build")]
+    repo = tmp_path / "build" / "repo-cpu-tiny-mm"
+    caplog.set_level(logging.INFO, logger="build_engines")
+    assert build_engines_main(argv) == 0
+    before = _mtimes(repo)
+    bundle_json = (tmp_path / "build" / "bundles" / "tiny-mm" / "bundle.json").stat().st_mtime_ns
+
+    caplog.clear()
+    assert build_engines_main(argv) == 0
+    assert _mtimes(repo) == before
+    assert (tmp_path / "build" / "bundles" / "tiny-mm" / "bundle.json").stat().st_mtime_ns == bundle_json
+    assert "already built for spec 'tiny-mm'; skipping" in caplog.text and SKIPPED in caplog.text
+
+    _edit(spec_path, "max_queue_delay_us = 2000", "max_queue_delay_us = 2500")
+    caplog.clear()
+    assert build_engines_main(argv) == 0
+    assert SKIPPED not in caplog.text and "bundle" in caplog.text and "built in" in caplog.text
+    assert load_repository_configs(repo)["vision_encoder"].dynamic_batching.max_queue_delay_microseconds == 2500
+
+
+def test_gpu_render_finds_the_engine_the_build_wrote(bundle_dir: Path, tmp_path: Path) -> None:
+    """The engine folder the render points at is the one gpu_build.json records, whatever --tp-size built it."""
+    from build_engines.trtllm_plan import plan_gpu_build
+    from build_engines.trtllm_settings import TP_SIZE
+
+    spec = spec_from_dict(json.loads((bundle_dir / "bundle.json").read_text())["spec"])
+    engines = tmp_path / "engines"
+    default = plan_gpu_build(spec, bundle_dir, engines)
+    built = plan_gpu_build(spec, bundle_dir, engines, tp_size=4)
+    assert default.llm.tp_size == TP_SIZE == 2 and built.engine_dir != default.engine_dir
+
+    def gpt_model_path(repo: Path) -> str:
+        return load_repository_configs(repo)["tensorrt_llm"].parameters["gpt_model_path"].string_value
+
+    # Nothing built yet: the default plan's folder.
+    assert gpt_model_path(render_repository(bundle_dir, tmp_path / "repo", "gpu-trtllm", engines_dir=engines)) == str(
+        default.engine_dir.resolve()
+    )
+    # A TP=4 build finished there (its engine config and manifest, as run_plan leaves them).
+    built.engine_dir.mkdir(parents=True)
+    mapping = {"world_size": 4, "tp_size": 4, "pp_size": 1, "cp_size": 1}
+    (built.engine_dir / "config.json").write_text(json.dumps({"pretrained_config": {"dtype": "float16", "mapping": mapping}}))
+    built.manifest.write_text(json.dumps(built.manifest_data()))
+    repo = render_repository(bundle_dir, tmp_path / "repo", "gpu-trtllm", engines_dir=engines)
+    assert gpt_model_path(repo) == str(built.engine_dir.resolve())
+
+    other = json.loads(built.manifest.read_text())
+    other["spec"] = "another-model"
+    built.manifest.write_text(json.dumps(other))
+    with pytest.raises(RenderError, match="records a build of spec 'another-model', not 'tiny-mm'"):
+        render_repository(bundle_dir, tmp_path / "repo2", "gpu-trtllm", engines_dir=engines)

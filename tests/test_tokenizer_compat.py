@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from build_engines import bundle as bundle_mod
+from build_engines import bundle_compat as bundle_mod
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPAT_TRANSFORMERS = "4.57.1"

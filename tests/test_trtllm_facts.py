@@ -15,9 +15,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from build_engines import trtllm_build as gpu
 from build_engines import trtllm_facts as facts
 from build_engines.render import TEMPLATE_ROOT, RenderError, load_repository_configs, render_repository
+from build_engines.trtllm_plan import plan_gpu_build
 from mmtriton.spec import load_spec, spec_from_dict
 
 SPECS = Path(__file__).resolve().parent.parent / "build_engines" / "specs"
@@ -104,7 +104,7 @@ def _write_engine_config(engine_dir: Path, dtype: str) -> None:
 @pytest.mark.parametrize("spec_name", ["tiny.toml", "tiny-gpu.toml", "glm4-9b-shape.toml"])
 def test_every_engine_is_planned_in_the_prompt_table_dtype(spec_name: str, tmp_path: Path) -> None:
     spec = load_spec(SPECS / spec_name)
-    plan = gpu.plan_gpu_build(spec, tmp_path / "bundle", tmp_path / "engines")
+    plan = plan_gpu_build(spec, tmp_path / "bundle", tmp_path / "engines")
     table = next(i for i in _template_inputs("tensorrt_llm") if i.name == "prompt_embedding_table")
     assert mc.DataType.Name(table.data_type) == "TYPE_FP16"
     assert plan.llm.dtype == "float16" and plan.llm.checkpoint_dtype == spec.llm.dtype
@@ -117,7 +117,7 @@ def test_every_engine_is_planned_in_the_prompt_table_dtype(spec_name: str, tmp_p
 def test_render_refuses_an_engine_whose_dtype_is_not_the_tables(bundle_dir: Path, tmp_path: Path) -> None:
     spec = spec_from_dict(json.loads((bundle_dir / "bundle.json").read_text())["spec"])
     engines = tmp_path / "engines"
-    plan = gpu.plan_gpu_build(spec, bundle_dir, engines)
+    plan = plan_gpu_build(spec, bundle_dir, engines)
     _write_engine_config(plan.engine_dir, "bfloat16")
     with pytest.raises(RenderError) as err:
         render_repository(bundle_dir, tmp_path / "repo", "gpu-trtllm", engines_dir=engines)
