@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from clients.address import server_address
 from clients.cli import UsageError, client_error, interrupted, read_input, usage_error
 from clients.errors import ClientError, from_triton_exception
-from mmtriton.contract import embed_ensemble
+from mmtriton.contract import AUDIO, AUDIO_EMBEDDINGS, IMAGE, IMAGE_EMBEDDINGS, embed_ensemble
 
 
 def ensemble_for(has_image: bool, has_audio: bool) -> str:
@@ -62,11 +62,11 @@ def embed(
     model = ensemble_for(image is not None, audio is not None)
     inputs, outputs = [], []
     if image is not None:
-        inputs.append(_bytes_input("image", image))
-        outputs.append("image_embeddings")
+        inputs.append(_bytes_input(IMAGE, image))
+        outputs.append(IMAGE_EMBEDDINGS)
     if audio is not None:
-        inputs.append(_bytes_input("audio", audio))
-        outputs.append("audio_embeddings")
+        inputs.append(_bytes_input(AUDIO, audio))
+        outputs.append(AUDIO_EMBEDDINGS)
     client = grpcclient.InferenceServerClient(url)
     try:
         result = client.infer(

@@ -56,7 +56,28 @@ from clients.errors import (
     from_triton_exception,
     server_unavailable,
 )
-from mmtriton.contract import CHAT_MESSAGES, LLM_MODEL, chat_ensemble, input_error_in, stop_request_values
+from mmtriton.contract import (
+    AUDIO,
+    CHAT_MESSAGES,
+    IGNORE_EOS,
+    IMAGE,
+    LLM_MODEL,
+    MAX_TOKENS,
+    NUM_INPUT_TOKENS,
+    NUM_OUTPUT_TOKENS,
+    OUTPUT_IDS,
+    SEED,
+    STOP_WORDS,
+    STREAM,
+    TEMPERATURE,
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+    TOP_K,
+    TOP_P,
+    chat_ensemble,
+    input_error_in,
+    stop_request_values,
+)
 
 
 def stream_error(error: Exception | str, url: str | None = None) -> ClientError:
@@ -179,29 +200,29 @@ def request_values(
     if (prompt is None) == (messages is None):
         raise ClientError("give either a prompt or messages, not both or neither")
     values: dict[str, Any] = {
-        "max_tokens": np.array([[sampling.max_tokens]], dtype=np.int32),
-        "stream": np.array([[stream]], dtype=bool),
+        MAX_TOKENS: np.array([[sampling.max_tokens]], dtype=np.int32),
+        STREAM: np.array([[stream]], dtype=bool),
     }
     if prompt is not None:
-        values["text_input"] = np.array([[prompt.encode("utf-8")]], dtype=np.object_)
+        values[TEXT_INPUT] = np.array([[prompt.encode("utf-8")]], dtype=np.object_)
     else:
         values[CHAT_MESSAGES] = np.array([[messages.encode("utf-8")]], dtype=np.object_)
     if image is not None:
-        values["image"] = np.frombuffer(image, dtype=np.uint8).reshape(1, -1)
+        values[IMAGE] = np.frombuffer(image, dtype=np.uint8).reshape(1, -1)
     if audio is not None:
-        values["audio"] = np.frombuffer(audio, dtype=np.uint8).reshape(1, -1)
+        values[AUDIO] = np.frombuffer(audio, dtype=np.uint8).reshape(1, -1)
     if sampling.temperature is not None:
-        values["temperature"] = np.array([[sampling.temperature]], dtype=np.float32)
+        values[TEMPERATURE] = np.array([[sampling.temperature]], dtype=np.float32)
     if sampling.top_k is not None:
-        values["top_k"] = np.array([[sampling.top_k]], dtype=np.int32)
+        values[TOP_K] = np.array([[sampling.top_k]], dtype=np.int32)
     if sampling.top_p is not None:
-        values["top_p"] = np.array([[sampling.top_p]], dtype=np.float32)
+        values[TOP_P] = np.array([[sampling.top_p]], dtype=np.float32)
     if sampling.seed is not None:
-        values["seed"] = np.array([[sampling.seed]], dtype=np.uint64)
+        values[SEED] = np.array([[sampling.seed]], dtype=np.uint64)
     if sampling.ignore_eos:
-        values["ignore_eos"] = np.array([[True]], dtype=bool)
+        values[IGNORE_EOS] = np.array([[True]], dtype=bool)
     if sampling.stop_words:
-        values["stop_words"] = np.array([[w.encode("utf-8") for w in sampling.stop_words]], dtype=np.object_)
+        values[STOP_WORDS] = np.array([[w.encode("utf-8") for w in sampling.stop_words]], dtype=np.object_)
     return values
 
 
@@ -372,8 +393,8 @@ class ChatClient:
             flat = value.reshape(-1)
             if value.dtype == np.object_:
                 items = [v.decode("utf-8") for v in flat]
-                body[name] = items if name == "stop_words" else items[0]
-            elif name in ("image", "audio"):
+                body[name] = items if name == STOP_WORDS else items[0]
+            elif name in (IMAGE, AUDIO):
                 body[name] = flat.tolist()
             else:
                 body[name] = flat[0].item()
@@ -441,25 +462,25 @@ def grpc_inputs(values: dict[str, np.ndarray]) -> list[Any]:
 
 def grpc_chunk(result: Any) -> Chunk | None:
     """One streamed gRPC response as a :class:`Chunk` (None for the empty final response)."""
-    text = result.as_numpy("text_output")
+    text = result.as_numpy(TEXT_OUTPUT)
     if text is None:
         return None  # the empty final response
-    ids = result.as_numpy("output_ids")
+    ids = result.as_numpy(OUTPUT_IDS)
     return Chunk(
         text=b"".join(t if isinstance(t, bytes) else str(t).encode() for t in text.reshape(-1)).decode("utf-8"),
         token_ids=[] if ids is None else ids.reshape(-1).tolist(),
-        num_input_tokens=int(result.as_numpy("num_input_tokens").reshape(-1)[0]),
-        num_output_tokens=int(result.as_numpy("num_output_tokens").reshape(-1)[0]),
+        num_input_tokens=int(result.as_numpy(NUM_INPUT_TOKENS).reshape(-1)[0]),
+        num_output_tokens=int(result.as_numpy(NUM_OUTPUT_TOKENS).reshape(-1)[0]),
     )
 
 
 def _json_chunk(event: dict[str, Any]) -> Chunk:
-    ids = event.get("output_ids", [])
+    ids = event.get(OUTPUT_IDS, [])
     return Chunk(
-        text=event.get("text_output", ""),
+        text=event.get(TEXT_OUTPUT, ""),
         token_ids=ids if isinstance(ids, list) else [ids],
-        num_input_tokens=int(event.get("num_input_tokens", 0)),
-        num_output_tokens=int(event.get("num_output_tokens", 0)),
+        num_input_tokens=int(event.get(NUM_INPUT_TOKENS, 0)),
+        num_output_tokens=int(event.get(NUM_OUTPUT_TOKENS, 0)),
     )
 
 

@@ -27,24 +27,27 @@ AUDIO_EMBEDDINGS = "audio_embeddings"
 
 # Public inputs of every chat ensemble besides the media: the user-facing names of
 # TensorRT-LLM's "ensemble" model.
-CHAT_INPUTS = (
-    "text_input",
-    "messages",
-    "max_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "seed",
-    "stream",
-    "stop_words",
-    "ignore_eos",
-)
+TEXT_INPUT = "text_input"
 #: The optional alternative to ``text_input``: a whole conversation as UTF-8 JSON
 #: (``{"messages": [{"role": ..., "content": str | [parts]}], "enable_thinking": bool}``;
 #: media parts are ``{"type": "image"}`` / ``{"type": "audio"}``), rendered once with the
 #: tokenizer's chat template by the ``preprocessing`` model (``mmtriton.llm.prompting``).
 CHAT_MESSAGES = "messages"
-CHAT_OUTPUTS = ("text_output", "output_ids", "num_input_tokens", "num_output_tokens")
+MAX_TOKENS = "max_tokens"
+TEMPERATURE = "temperature"
+TOP_K = "top_k"
+TOP_P = "top_p"
+SEED = "seed"
+STREAM = "stream"
+STOP_WORDS = "stop_words"
+IGNORE_EOS = "ignore_eos"
+CHAT_INPUTS = (TEXT_INPUT, CHAT_MESSAGES, MAX_TOKENS, TEMPERATURE, TOP_K, TOP_P, SEED, STREAM, STOP_WORDS, IGNORE_EOS)
+# What every chat ensemble answers with.
+TEXT_OUTPUT = "text_output"
+OUTPUT_IDS = "output_ids"
+NUM_INPUT_TOKENS = "num_input_tokens"
+NUM_OUTPUT_TOKENS = "num_output_tokens"
+CHAT_OUTPUTS = (TEXT_OUTPUT, OUTPUT_IDS, NUM_INPUT_TOKENS, NUM_OUTPUT_TOKENS)
 
 # The LLM step (TensorRT-LLM 1.2.1's Triton contract) and the inputs of its ``stop``
 # request, which cancels the running request with the same request id.
