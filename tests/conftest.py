@@ -152,7 +152,7 @@ def cpu_server_metric_names(server: "TritonServer") -> set[str]:
     """Metric names the real CPU server exports on ``/metrics`` (the Grafana dashboard is checked against them)."""
     import urllib.request
 
-    from tests.test_gpu_trtllm_profile import prometheus_metric_names
+    from tests.helpers.deploy import prometheus_metric_names
 
     with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
         return prometheus_metric_names(resp.read().decode())
@@ -187,18 +187,3 @@ def stub_pid(server: "TritonServer", model: str) -> int:
     raise AssertionError(f"no python backend stub for {model}")
 
 
-def compose_ports(service: dict) -> list[tuple[str, int, int]]:
-    """``(host address, published port, container port)`` of a resolved compose service's ports.
-
-    ``docker-compose config`` writes a port as a mapping (``target``, ``published``, ``host_ip``)
-    or, for ``"127.0.0.1:8001:8001"``, as the string ``127.0.0.1:8001:8001/tcp``; both are read.
-    """
-    out = []
-    for port in service.get("ports", []):
-        if isinstance(port, dict):
-            out.append((port.get("host_ip") or "0.0.0.0", int(port["published"]), int(port["target"])))
-            continue
-        parts = str(port).split("/")[0].split(":")
-        host = parts[0] if len(parts) == 3 else "0.0.0.0"
-        out.append((host, int(parts[-2]) if len(parts) >= 2 else int(parts[-1]), int(parts[-1])))
-    return out

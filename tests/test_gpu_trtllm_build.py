@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from build_engines import trtllm_build
-from build_engines.encoder_io import AUDIO_IO, VISION_IO, EncoderIO
+from build_engines.encoder_io import EncoderIO
 from build_engines.stack import StackError, load_stack
 from build_engines.trtllm_checks import build_problems, engine_world_size, preflight
 from build_engines.trtllm_facts import head_size_problem
@@ -28,53 +28,21 @@ from build_engines.trtllm_plan import plan_gpu_build
 from build_engines.trtllm_settings import GpuBuildError
 from mmtriton.serving import engine_folder
 from mmtriton.spec import ModelSpec, load_spec
+from tests.helpers.deploy import (
+    COMPOSE,
+    DOCKERFILE,
+    TINY_SPEC,
+    write_fake_bundle,
+    write_fake_engine,
+    write_identity_onnx,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-# The GPU smoke spec (head size 32, float16); tiny.toml (head size 16) is the CPU profile's.
-TINY_SPEC = ROOT / "build_engines" / "specs" / "tiny-gpu.toml"
 CPU_SPEC = ROOT / "build_engines" / "specs" / "tiny.toml"
 SHIPPED_SPECS = sorted((ROOT / "build_engines" / "specs").glob("*.toml"))
-COMPOSE = ROOT / "docker-compose.yml"
-DOCKERFILE = ROOT / "Dockerfile"
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-def write_fake_engine(path: Path, *, tp: int, pp: int = 1, world: int | None = None, ranks: int | None = None) -> Path:
-    """An engine folder shaped like trtllm-build output: config.json + rank<N>.engine."""
-    path.mkdir(parents=True, exist_ok=True)
-    mapping = {"world_size": tp * pp if world is None else world, "tp_size": tp, "pp_size": pp, "cp_size": 1, "rank": 0}
-    config = {"version": "1.2.1", "pretrained_config": {"architecture": "LlamaForCausalLM", "mapping": mapping}}
-    config["build_config"] = {"max_batch_size": 8}
-    (path / "config.json").write_text(json.dumps(config))
-    for rank in range(tp * pp if ranks is None else ranks):
-        (path / f"rank{rank}.engine").write_bytes(b"")
-    return path
-
-
-def _onnx_model(path: Path, io: EncoderIO) -> None:
-    import onnx
-    from onnx import TensorProto, helper
-
-    types = {"lengths": TensorProto.INT64, "out_lengths": TensorProto.INT64}
-    inputs = [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None) for n in io.inputs]
-    outputs = [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None) for n in io.outputs]
-    nodes = [helper.make_node("Identity", [i], [o]) for i, o in zip(io.inputs, io.outputs, strict=True)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(helper.make_model(helper.make_graph(nodes, path.parent.name, inputs, outputs)), str(path))
-
-
-
-def write_fake_bundle(root: Path, spec: ModelSpec) -> Path:
-    """A bundle folder with the real layout and ONNX graphs with the real names (no weights)."""
-    bundle = root / "bundles" / spec.name
-    (bundle / "llm").mkdir(parents=True)
-    (bundle / "llm" / "config.json").write_text("{}")
-    _onnx_model(bundle / "vision_encoder" / "model.onnx", VISION_IO)
-    _onnx_model(bundle / "audio_encoder" / "model.onnx", AUDIO_IO)
-    (bundle / "bundle.json").write_text(json.dumps({"spec": spec.to_dict()}))
-    return bundle
 
 
 # --- fixtures ------------------------------------------------------------------------------
@@ -83,7 +51,6 @@ def write_fake_bundle(root: Path, spec: ModelSpec) -> Path:
 @pytest.fixture(scope="module")
 def tiny() -> ModelSpec:
     return load_spec(TINY_SPEC)
-
 
 
 @pytest.fixture
@@ -210,7 +177,7 @@ def test_plan_refuses_what_cannot_be_built(fake_bundle: Path, tmp_path: Path, ti
         plan_gpu_build(qwen, fake_bundle, tmp_path)
     with pytest.raises(GpuBuildError, match="llm.num_attention_heads = 2 does not split over tp_size 3"):
         plan_gpu_build(tiny, fake_bundle, tmp_path, tp_size=3)
-    _onnx_model(fake_bundle / "vision_encoder" / "model.onnx", EncoderIO(("pixels",), ("embeddings",)))
+    write_identity_onnx(fake_bundle / "vision_encoder" / "model.onnx", EncoderIO(("pixels",), ("embeddings",)))
     with pytest.raises(GpuBuildError, match=r"graph inputs \['pixels'\]"):
         plan_gpu_build(tiny, fake_bundle, tmp_path)
 

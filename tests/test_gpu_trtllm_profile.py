@@ -26,14 +26,23 @@ from build_engines.stack import load_stack
 from build_engines.trtllm_plan import plan_gpu_build
 from mmtriton.serving import engine_folder, tp_launcher
 from mmtriton.spec import load_spec
-from tests.conftest import compose_ports
-from tests.test_gpu_trtllm_build import COMPOSE, DOCKERFILE, ROOT, TINY_SPEC, write_fake_bundle, write_fake_engine
+from tests.conftest import ROOT
+from tests.helpers.deploy import (
+    APT_HINT,
+    COMPOSE,
+    DOCKERFILE,
+    TINY_SPEC,
+    compose_ports,
+    compose_validator,
+    prometheus_metric_names,
+    write_fake_bundle,
+    write_fake_engine,
+)
 
 PROMETHEUS = ROOT / "monitoring" / "prometheus.yml"
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "triton.json"
 GRAFANA_DATASOURCES = ROOT / "monitoring" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 GRAFANA_PROVIDERS = ROOT / "monitoring" / "grafana" / "provisioning" / "dashboards" / "mmtriton.yml"
-APT_HINT = "apt-get install -y --no-install-recommends docker-compose prometheus"
 
 # Metric families only a GPU server exports, with the label values their docs list.
 # nv_gpu_*: triton-inference-server/server docs/user_guide/metrics.md (r26.07), "GPU Metrics"
@@ -96,17 +105,6 @@ PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right
 # --- helpers -----------------------------------------------------------------------------
 
 
-def prometheus_metric_names(exposition: str) -> set[str]:
-    """Metric family names in Prometheus text exposition (e.g. a server's ``/metrics``).
-
-    A conftest fixture ``cpu_server_metric_names`` can return this for the CPU
-    server's ``/metrics``; the dashboard test then checks against it.
-    """
-    names = set(re.findall(r"^# TYPE ([A-Za-z_:][A-Za-z0-9_:]*) ", exposition, flags=re.MULTILINE))
-    names |= set(re.findall(r"^([A-Za-z_:][A-Za-z0-9_:]*)[{ ]", exposition, flags=re.MULTILINE))
-    return names
-
-
 def promql_metric_names(expr: str) -> set[str]:
     """Metric names a PromQL expression selects; an unknown function name fails the test."""
     text = re.sub(r"\$__\w+", "1m", expr)
@@ -144,19 +142,8 @@ def dashboard_targets() -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
-
 def _compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
-
-
-def _compose_validator() -> list[str] | None:
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    if shutil.which("docker"):
-        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, check=False)
-        if probe.returncode == 0:
-            return ["docker", "compose"]
-    return None
 
 
 # --- fixtures ------------------------------------------------------------------------------
@@ -273,7 +260,7 @@ def test_server_object_refuses_a_mismatch_too(tmp_path: Path, monkeypatch: pytes
 
 
 def test_compose_file_validates() -> None:
-    validator = _compose_validator()
+    validator = compose_validator()
     if validator is None:
         pytest.fail(f"no compose validator (docker-compose or the docker compose plugin); install: {APT_HINT}")
     env = {k: v for k, v in os.environ.items() if k not in ("SPEC", "SPEC_NAME", "GRAFANA_ADMIN_PASSWORD")}
@@ -283,8 +270,8 @@ def test_compose_file_validates() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_compose_validator_rejects_a_broken_file(tmp_path: Path) -> None:
-    validator = _compose_validator()
+def testcompose_validator_rejects_a_broken_file(tmp_path: Path) -> None:
+    validator = compose_validator()
     if validator is None:
         pytest.fail(f"no compose validator (docker-compose or the docker compose plugin); install: {APT_HINT}")
     broken = tmp_path / "docker-compose.yml"

@@ -27,8 +27,8 @@ from build_engines.ensembles import check_wiring
 from build_engines.render import PROFILES, python_engine_parameters, render_repository, verify_repository
 from build_engines.stack import load_stack
 from mmtriton.spec import ModelSpec, load_spec
-from tests.conftest import compose_ports
-from tests.test_gpu_trtllm_profile import APT_HINT, _compose_validator
+from tests.helpers.deploy import compose_ports
+from tests.helpers.deploy import APT_HINT, compose_validator
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -65,7 +65,7 @@ def dockerfile_args() -> dict[str, str]:
 
 def compose_config(env: dict[str, str]) -> dict:
     """``docker-compose.yml`` with the ``vllm`` profile as the real validator resolves it for ``env``."""
-    validator = _compose_validator()
+    validator = compose_validator()
     if validator is None:
         pytest.fail(f"no compose validator (docker-compose or the docker compose plugin); install: {APT_HINT}")
     base = {k: v for k, v in os.environ.items() if k not in ("SPEC", "SPEC_NAME", "VLLM_GPUS")}

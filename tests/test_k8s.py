@@ -301,13 +301,13 @@ def test_gpus_equal_tensor_parallel_size(overlay: str, tmp_path: Path) -> None:
         assert "nvidia.com/gpu" not in build.get("resources", {}).get("limits", {}), "rendering needs no GPU"
     else:
         from build_engines import encoder_io, trtllm_plan
-        from tests.test_gpu_trtllm_build import _onnx_model, write_fake_engine
+        from tests.helpers.deploy import write_fake_engine, write_identity_onnx
 
         bundle = tmp_path / "bundle"
         (bundle / "llm").mkdir(parents=True)
         (bundle / "llm" / "config.json").write_text("{}")
-        _onnx_model(bundle / "vision_encoder" / "model.onnx", encoder_io.VISION_IO)
-        _onnx_model(bundle / "audio_encoder" / "model.onnx", encoder_io.AUDIO_IO)
+        write_identity_onnx(bundle / "vision_encoder" / "model.onnx", encoder_io.VISION_IO)
+        write_identity_onnx(bundle / "audio_encoder" / "model.onnx", encoder_io.AUDIO_IO)
         (bundle / "bundle.json").write_text(json.dumps({"spec": spec.to_dict()}))
         plan = trtllm_plan.plan_gpu_build(spec, bundle, tmp_path / "engines")
         command = triton["command"]

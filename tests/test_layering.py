@@ -8,6 +8,7 @@ a failure names the offending file and import.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,32 @@ def test_a_module_outside_every_room_is_reported() -> None:
         f"mmtriton.newthing is in no room (add it to one of {sorted(RUNTIME_ROOMS)})"
     ]
     assert room_violations({"mmtriton.media.preprocess": {"mmtriton.contract", "mmtriton.media.validation"}}) == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """No test module imports another: what tests share lives in tests/helpers/, tests/reference.py
+    (the independent references), tests/bad_inputs.py and tests/conftest.py."""
+    assert imports_of_test_modules(ROOT / "tests") == []
+
+
+def imports_of_test_modules(folder: Path) -> list[str]:
+    """``file:line imports tests.test_x`` for every import of a test module inside ``folder``."""
+    bad = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            for name in names:
+                if re.match(r"tests\.test_\w+$", name):
+                    bad.append(f"{path.name}:{node.lineno} imports {name}")
+    return sorted(set(bad))
+
+
+def test_the_test_import_rule_can_fail(tmp_path: Path) -> None:
+    (tmp_path / "test_a.py").write_text("from tests.test_b import helper\n")
+    (tmp_path / "test_c.py").write_text("def f():\n    import tests.test_d\n")
+    (tmp_path / "helpers.py").write_text("from tests.reference import image_reference\n")
+    assert imports_of_test_modules(tmp_path) == ["test_a.py:1 imports tests.test_b", "test_c.py:2 imports tests.test_d"]

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from build_engines.stack import load_stack
-from tests.conftest import compose_ports
+from tests.helpers.deploy import compose_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK = load_stack()
