@@ -1,4 +1,4 @@
-"""Helpers of ``tests/test_k8s.py``: render the Kustomize overlays, validate objects offline, read pod specs.
+"""Helpers of ``tests/test_k8s.py`` and ``tests/test_k8s_runtime.py``: render the Kustomize overlays, validate objects offline, read pod specs.
 
 Built-in kinds are validated against the Kubernetes API's JSON schemas that the
 ``kubernetes-validate`` wheel ships (strict: unknown fields fail), for the Kubernetes
@@ -19,6 +19,9 @@ from typing import Any
 
 import pytest
 import yaml
+
+from build_engines.stack import load_stack
+from tools import k8s_capacity
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -221,3 +224,55 @@ def ingress_allowed(
                 if ns_ok and pod_ok:
                     return True
     return False
+
+
+STACK = load_stack()
+
+
+SPECS = ROOT / "build_engines" / "specs"
+
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "triton.json"
+
+
+#: The monitoring Kustomization's own copy of DASHBOARD (Kustomize reads no file outside its folder).
+DASHBOARD_COPY = K8S / "monitoring" / "triton.json"
+
+
+REPORT = k8s_capacity.DEFAULT_REPORT
+
+
+#: overlay -> (profile, spec name, compose service it translates)
+OVERLAY_SPECS = {
+    "vllm-1gpu": ("gpu-vllm", "tiny-gpu", "triton-vllm"),
+    "vllm-tp2": ("gpu-vllm", "glm4-9b-shape", "triton-vllm"),
+    "trtllm-tp2": ("gpu-trtllm", "tiny-gpu", "triton"),
+}
+
+
+NAMESPACE_LABELS = {"mmtriton": {"kubernetes.io/metadata.name": "mmtriton"}}
+
+
+MONITORING_LABELS = {"kubernetes.io/metadata.name": "monitoring"}
+
+
+TRITON_EXIT_TIMEOUT_S = 30  # --exit-timeout-secs of the vLLM command and tp_launcher's default
+
+
+def workloads(objs: list[dict]) -> list[dict]:
+    return [o for o in objs if o["kind"] in ("Deployment", "Job")]
+
+
+def quantity_bytes(text: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "gb": 2**30, "mb": 2**20}
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|gb|mb)", str(text))
+    assert match, text
+    return int(match.group(1)) * units[match.group(2)]
+
+
+def adapter_rules(objs: list[dict]) -> list[dict]:
+    config = find(objs, "ConfigMap", "mmtriton-prometheus-adapter-rules")
+    return yaml.safe_load(config["data"]["config.yaml"])["rules"]
