@@ -1,7 +1,7 @@
 """Reading a built TensorRT-LLM engine folder (serving side).
 
 The TP launcher needs the parallelism an engine was built for before it starts any
-rank; the build plan (``build_engines/trtllm_build.py``) uses the same reader to check what it
+rank; the build plan (``build_engines/trtllm_checks.py``) uses the same reader to check what it
 built. Only the standard library: the serving image imports this without build code.
 """
 
