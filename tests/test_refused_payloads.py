@@ -25,7 +25,6 @@ import itertools
 import logging
 import re
 import struct
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,7 @@ from mmtriton.media.samples import encode_audio, synthetic_audio, synthetic_imag
 from mmtriton.serving.server import TritonServer
 from mmtriton.spec import ModelSpec
 from tests.bad_inputs import corrupt_png_data, strip_png
-from tests.helpers.servers import embed_grpc, embed_http, make_server, rss_mib, wait_idle
+from tests.helpers.servers import embed_grpc, embed_http, make_server, rss_mib, running, wait_idle
 
 LOGGER = logging.getLogger(__name__)
 EXIT_TIMEOUT_S = 30
@@ -131,13 +130,8 @@ def _png_noise(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module")
 def fserver(cpu_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     srv = make_server(cpu_repo, tmp_path_factory.mktemp("refused-server"), exit_timeout_s=EXIT_TIMEOUT_S)
-    srv.start()
-    try:
+    with running(srv, "refused-payload server"):
         yield srv
-    finally:
-        if srv.process is not None:
-            sys.stderr.write(f"\n--- refused-payload server log ---\n{srv.log_tail(60)}\n")
-            srv.stop()
 
 
 def _send(server: TritonServer, kind: Kind) -> None:

@@ -49,7 +49,7 @@ from mmtriton.serving.server import TritonServer, session_processes
 from mmtriton.spec import ModelSpec
 from tests.bad_inputs import bad_audio, bad_images
 from tests.conftest import probe_server, stub_pid
-from tests.helpers.servers import embed_grpc, embed_http, engine, make_server, rss_mib, wait_idle
+from tests.helpers.servers import embed_grpc, embed_http, engine, make_server, rss_mib, running, wait_idle
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGGER = logging.getLogger(__name__)
@@ -112,13 +112,8 @@ def payloads(spec: ModelSpec) -> Payloads:
 @pytest.fixture(scope="module")
 def rserver(cpu_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     srv = make_server(cpu_repo, tmp_path_factory.mktemp("robust-server"), exit_timeout_s=EXIT_TIMEOUT_S)
-    srv.start()
-    try:
+    with running(srv, "robustness server"):
         yield srv
-    finally:
-        if srv.process is not None:
-            sys.stderr.write(f"\n--- robustness server log ---\n{srv.log_tail(60)}\n")
-            srv.stop()
 
 
 # ----------------------------------------------------------------------------- helpers

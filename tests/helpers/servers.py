@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
+from collections.abc import Iterator
 import urllib.request
 import uuid
 from pathlib import Path
@@ -23,6 +26,19 @@ def make_server(repo: Path, work_dir: Path, **overrides: object) -> TritonServer
     :class:`TritonServer` fields (``exit_timeout_s``, ``extra_args``, ``ready_timeout_s``, ...).
     """
     return TritonServer(model_repository=Path(repo), work_dir=Path(work_dir), pythonpath=[ROOT], **overrides)
+
+
+@contextlib.contextmanager
+def running(server: TritonServer, label: str) -> Iterator[TritonServer]:
+    """Start ``server``, yield it, and stop it by its pid; a test that stopped it itself (to inspect
+    the shutdown) leaves nothing to do. Otherwise the log tail is shown, under ``label``."""
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process is not None:
+            sys.stderr.write(f"\n--- {label} log ---\n{server.log_tail(60)}\n")
+            server.stop()
 
 
 def metrics(server: TritonServer) -> dict[str, float]:
