@@ -1,0 +1,1 @@
+"""Random-weight checkpoints of real model families, in the layout of their downloads."""
