@@ -16,7 +16,14 @@ import pytest
 from PIL import Image
 
 from mmtriton.contract import InputError
-from mmtriton.media.qwen2_5_omni.image import ImageSettings, build_pipeline, patch_rows, preprocess_images, smart_resize
+from mmtriton.media.qwen2_5_omni.image import (
+    ImageSettings,
+    build_pipeline,
+    displayed_size,
+    patch_rows,
+    preprocess_images,
+    smart_resize,
+)
 
 SETTINGS = ImageSettings()
 
@@ -98,3 +105,39 @@ def test_patch_rows_layout() -> None:
     row = rows[5].reshape(3, 2, 14, 14)  # block 1 (block row 1, col 0), patch 1 (its top right)
     np.testing.assert_array_equal(row[:, 0], chw[:, 28:42, 14:28])
     np.testing.assert_array_equal(row[:, 1], row[:, 0])
+
+
+def _encode(img: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _other_formats() -> dict[str, bytes]:
+    base = Image.open(io.BytesIO(_image(400, 300, "PNG", seed=9))).convert("RGB")
+    rotated = base.copy()
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # shown turned by 90 degrees: 300 wide, 400 high
+    return {
+        "grayscale PNG, odd size": _encode(Image.open(io.BytesIO(_image(333, 517, "PNG", seed=2))).convert("L"), "PNG"),
+        "progressive 4:2:0 JPEG": _encode(base.resize((641, 479)), "JPEG", quality=85, progressive=True, subsampling="4:2:0"),
+        "4:4:4 JPEG": _encode(base, "JPEG", quality=95, subsampling="4:4:4"),
+        "WebP": _encode(base.resize((401, 299)), "WEBP", quality=90),
+        "tiny 9x13 PNG": _encode(base.resize((9, 13)), "PNG"),
+        "EXIF-rotated JPEG": _encode(rotated, "JPEG", quality=92, exif=exif.tobytes()),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_other_formats()))
+def test_other_real_world_formats_equal_the_processor(pipe, reference, name: str) -> None:
+    """As the processor's loader does (PIL, EXIF orientation applied, converted to RGB)."""
+    from PIL import ImageOps
+
+    data = _other_formats()[name]
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    assert displayed_size(data) == (shown.height, shown.width)
+    ((rows, grid),) = preprocess_images(pipe, [data], [displayed_size(data)], SETTINGS)
+    ref = reference(images=[shown], return_tensors="np")
+    assert [list(grid)] == ref["image_grid_thw"].tolist()
+    diff = np.abs(rows - ref["pixel_values"])
+    assert diff.mean() < 0.01 and diff.max() < 0.35, (diff.mean(), diff.max())

@@ -14,6 +14,7 @@ normalizes; :func:`patch_rows` lays the patches out. The same pipeline runs on t
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,6 +78,24 @@ def patch_rows(chw: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
     return np.ascontiguousarray(rows, dtype=np.float32), (1, gh, gw)
 
 
+#: EXIF orientations that turn the image by 90 or 270 degrees (width and height trade places).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def displayed_size(payload: bytes) -> tuple[int, int]:
+    """``(height, width)`` of an encoded image as shown, after its EXIF orientation.
+
+    DALI's decoder applies the orientation (as the processor's loader does), so this, not
+    the stored size, is what :func:`smart_resize` must be given. Reads the header only.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(payload)) as img:
+        width, height = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (width, height) if orientation in _TRANSPOSING_ORIENTATIONS else (height, width)
+
+
 @dataclass(frozen=True)
 class ImageSettings:
     """The processor settings the pipeline follows (from the checkpoint's ``preprocessor_config.json``)."""
@@ -127,7 +146,7 @@ def preprocess_images(
     Args:
         pipe: From :func:`build_pipeline` (its batch size at least ``len(payloads)``).
         payloads: Encoded images.
-        sizes: Each image's decoded ``(height, width)`` (from its header).
+        sizes: Each image's ``(height, width)`` as shown (:func:`displayed_size`).
         settings: The processor settings.
     """
     targets = [smart_resize(h, w, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels) for h, w in sizes]
