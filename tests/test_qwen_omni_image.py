@@ -5,8 +5,8 @@ bounds, on the PIL-decoded image. The grid and the row layout must be exact; pix
 agree within mean |diff| < 0.01 and max |diff| < 0.35 in normalized units (one uint8 level
 is about 0.015): the two bicubic resizers (PIL's and DALI's antialiased cubic) round a few
 pixels differently. Measured: mean 0.003 (0.006 on a 9x13 image), max 0.04-0.27.
-Not covered yet: images with alpha (the processor composites them on white; this pipeline
-drops the alpha channel).
+Images with transparency are composited on white first, as the processor does
+(:class:`ImagePipelines` routes them; DALI's decoder would drop the alpha channel).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from PIL import Image
 
 from mmtriton.contract import InputError
 from mmtriton.media.qwen2_5_omni.image import (
+    ImagePipelines,
     ImageSettings,
     build_pipeline,
     displayed_size,
@@ -143,3 +144,33 @@ def test_other_real_world_formats_equal_the_processor(pipe, reference, name: str
     assert [list(grid)] == ref["image_grid_thw"].tolist()
     diff = np.abs(rows - ref["pixel_values"])
     assert diff.mean() < 0.01 and diff.max() < 0.35, (diff.mean(), diff.max())
+
+
+def _alpha_images() -> dict[str, bytes]:
+    base = np.asarray(Image.open(io.BytesIO(_image(300, 200, "PNG", seed=4))).convert("RGB"))
+    yy, xx = np.mgrid[0:200, 0:300]
+    alpha = ((xx // 25 + yy // 25) % 3 * 120).astype(np.uint8)  # opaque, half and fully clear squares
+    rgba = Image.fromarray(np.dstack([base, alpha]), "RGBA")
+    palette = Image.fromarray(base).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    return {
+        "RGBA PNG": _encode(rgba, "PNG"),
+        "gray + alpha PNG": _encode(rgba.convert("LA"), "PNG"),
+        "palette PNG with a transparent entry": _encode(palette, "PNG", transparency=0),
+        "RGBA WebP": _encode(rgba, "WEBP", lossless=True),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_alpha_images()))
+def test_transparency_is_composited_on_white_like_the_processor(reference, name: str) -> None:
+    data = _alpha_images()[name]
+    pipelines = ImagePipelines(SETTINGS, batch_size=2)
+    plain = _image(500, 300, "JPEG", seed=8)
+    (rows, grid), (plain_rows, plain_grid) = pipelines([data, plain])  # one batch, both paths
+    ref = reference(images=[Image.open(io.BytesIO(data))], return_tensors="np")  # the processor converts itself
+    assert [list(grid)] == ref["image_grid_thw"].tolist()
+    diff = np.abs(rows - ref["pixel_values"])
+    assert diff.mean() < 0.01 and diff.max() < 0.35, (diff.mean(), diff.max())
+    plain_ref = reference(images=[Image.open(io.BytesIO(plain)).convert("RGB")], return_tensors="np")
+    assert [list(plain_grid)] == plain_ref["image_grid_thw"].tolist()
+    assert np.abs(plain_rows - plain_ref["pixel_values"]).mean() < 0.01

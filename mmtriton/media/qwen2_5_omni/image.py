@@ -106,11 +106,36 @@ class ImageSettings:
     std: tuple[float, float, float] = CLIP_STD
 
 
-def build_pipeline(settings: ImageSettings, *, batch_size: int, num_threads: int = 2, device_id: int | None = None) -> object:
-    """The DALI pipeline: encoded bytes and per-sample target sizes in, normalized CHW float32 out.
+def has_alpha(payload: bytes) -> bool:
+    """Whether an encoded image carries transparency (an alpha band, or a PNG/GIF transparency entry); header only."""
+    from PIL import Image
 
-    Inputs (external sources): ``image`` (encoded bytes), ``height`` and ``width`` (float32
-    scalars, the :func:`smart_resize` size of each sample).
+    with Image.open(io.BytesIO(payload)) as img:
+        return "A" in img.getbands() or img.info.get("transparency") is not None
+
+
+def composite_on_white(payload: bytes) -> np.ndarray:
+    """An image with transparency as the processor sees it: decoded, oriented, composited on white, ``[H, W, 3]`` uint8.
+
+    DALI's decoder drops the alpha channel, so these (mostly small PNG screenshots and
+    icons) are decoded on the CPU; resizing and normalizing stay in the pipeline.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(payload)) as img:
+        rgba = ImageOps.exif_transpose(img).convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+
+
+def build_pipeline(
+    settings: ImageSettings, *, batch_size: int, num_threads: int = 2, device_id: int | None = None, decoded: bool = False
+) -> object:
+    """The DALI pipeline: images and per-sample target sizes in, normalized CHW float32 out.
+
+    Inputs (external sources): ``image`` (encoded bytes; with ``decoded``, ``[H, W, 3]`` uint8
+    pixels, see :func:`composite_on_white`), ``height`` and ``width`` (float32 scalars, the
+    :func:`smart_resize` size of each sample).
     """
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
@@ -120,11 +145,16 @@ def build_pipeline(settings: ImageSettings, *, batch_size: int, num_threads: int
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, exec_async=False, exec_pipelined=False)
     def qwen_image() -> object:
-        encoded = fn.external_source(name="image", dtype=types.UINT8, ndim=1)
         height = fn.external_source(name="height", dtype=types.FLOAT, ndim=0)
         width = fn.external_source(name="width", dtype=types.FLOAT, ndim=0)
-        decoded = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB, jpeg_fancy_upsampling=True)
-        resized = fn.resize(decoded, resize_x=width, resize_y=height, interp_type=types.INTERP_CUBIC, antialias=True)
+        if decoded:
+            pixels = fn.external_source(name="image", dtype=types.UINT8, ndim=3, layout="HWC")
+            if device_id is not None:
+                pixels = pixels.gpu()
+        else:
+            encoded = fn.external_source(name="image", dtype=types.UINT8, ndim=1)
+            pixels = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB, jpeg_fancy_upsampling=True)
+        resized = fn.resize(pixels, resize_x=width, resize_y=height, interp_type=types.INTERP_CUBIC, antialias=True)
         return fn.crop_mirror_normalize(
             resized,
             mean=[255.0 * m for m in settings.mean],
@@ -138,10 +168,51 @@ def build_pipeline(settings: ImageSettings, *, batch_size: int, num_threads: int
     return pipe
 
 
+class ImagePipelines:
+    """The two pipelines one batch may need: encoded images, and images with transparency composited first.
+
+    Args:
+        settings: The processor settings.
+        batch_size: Largest batch.
+        device_id: None for the CPU, else the GPU.
+    """
+
+    def __init__(self, settings: ImageSettings, *, batch_size: int, device_id: int | None = None) -> None:
+        self.settings = settings
+        self.encoded = build_pipeline(settings, batch_size=batch_size, device_id=device_id)
+        self.decoded = build_pipeline(settings, batch_size=batch_size, device_id=device_id, decoded=True)
+
+    def __call__(self, payloads: Sequence[bytes]) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+        """Per image, its patch rows and grid (the processor's ``pixel_values`` and ``image_grid_thw``)."""
+        results: list[tuple[np.ndarray, tuple[int, int, int]] | None] = [None] * len(payloads)
+        alpha = [i for i, p in enumerate(payloads) if has_alpha(p)]
+        plain = [i for i in range(len(payloads)) if i not in set(alpha)]
+        for indices, pipe, inputs in (
+            (plain, self.encoded, [np.frombuffer(payloads[i], dtype=np.uint8) for i in plain]),
+            (alpha, self.decoded, [composite_on_white(payloads[i]) for i in alpha]),
+        ):
+            if indices:
+                sizes = [displayed_size(payloads[i]) for i in indices]
+                for i, out in zip(indices, _run(pipe, inputs, sizes, self.settings)):
+                    results[i] = out
+        return [r for r in results if r is not None]
+
+
+def _run(pipe: object, inputs: list[np.ndarray], sizes: Sequence[tuple[int, int]], settings: ImageSettings) -> list:
+    targets = [smart_resize(h, w, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels) for h, w in sizes]
+    pipe.feed_input("image", inputs)
+    pipe.feed_input("height", [np.float32(h) for h, _ in targets])
+    pipe.feed_input("width", [np.float32(w) for _, w in targets])
+    (out,) = pipe.run()
+    if hasattr(out, "as_cpu"):
+        out = out.as_cpu()
+    return [patch_rows(np.array(out.at(i))) for i in range(len(inputs))]
+
+
 def preprocess_images(
     pipe: object, payloads: Sequence[bytes], sizes: Sequence[tuple[int, int]], settings: ImageSettings
 ) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
-    """Run a batch through the pipeline: per image its patch rows and grid.
+    """Run a batch of images without transparency through the encoded-image pipeline.
 
     Args:
         pipe: From :func:`build_pipeline` (its batch size at least ``len(payloads)``).
@@ -149,11 +220,4 @@ def preprocess_images(
         sizes: Each image's ``(height, width)`` as shown (:func:`displayed_size`).
         settings: The processor settings.
     """
-    targets = [smart_resize(h, w, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels) for h, w in sizes]
-    pipe.feed_input("image", [np.frombuffer(p, dtype=np.uint8) for p in payloads])
-    pipe.feed_input("height", [np.float32(h) for h, _ in targets])
-    pipe.feed_input("width", [np.float32(w) for _, w in targets])
-    (out,) = pipe.run()
-    if hasattr(out, "as_cpu"):
-        out = out.as_cpu()
-    return [patch_rows(np.array(out.at(i))) for i in range(len(payloads))]
+    return _run(pipe, [np.frombuffer(p, dtype=np.uint8) for p in payloads], sizes, settings)
