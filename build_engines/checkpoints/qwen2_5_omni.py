@@ -22,6 +22,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from mmtriton.media.qwen2_5_omni.audio import HOP, MAX_SECONDS, N_FFT, N_MELS, SAMPLE_RATE
+from mmtriton.media.qwen2_5_omni.image import MERGE, PATCH, TEMPORAL, ImageSettings
+
 LOGGER = logging.getLogger(__name__)
 
 #: Special tokens of the checkpoint's ``added_tokens.json``, in id order from FIRST_SPECIAL_ID.
@@ -40,10 +43,6 @@ NAMED_TOKENS = {
     "audio_bos_token": "<|audio_bos|>",
     "audio_eos_token": "<|audio_eos|>",
 }
-#: The image processor's bounds in the checkpoint (the class default max is 28*28*1280).
-MIN_PIXELS, MAX_PIXELS = 3136, 12845056
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 #: Thinker sizes: the real 7B ones and a tiny one of the same architecture (head_dim/2 = sum of mrope_section).
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
@@ -153,11 +152,16 @@ def preprocessor_settings() -> dict[str, Any]:
     """
     from transformers import Qwen2VLImageProcessor, WhisperFeatureExtractor
 
+    # The constants the DALI pipelines follow are the ones written here: one definition each.
+    image_settings = ImageSettings()
     image = Qwen2VLImageProcessor(
-        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14, temporal_patch_size=2, merge_size=2,
-        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+        min_pixels=image_settings.min_pixels, max_pixels=image_settings.max_pixels, patch_size=PATCH,
+        temporal_patch_size=TEMPORAL, merge_size=MERGE, image_mean=list(image_settings.mean),
+        image_std=list(image_settings.std),
     )  # fmt: skip
-    audio = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400, chunk_length=300)
+    audio = WhisperFeatureExtractor(
+        feature_size=N_MELS, sampling_rate=SAMPLE_RATE, hop_length=HOP, n_fft=N_FFT, chunk_length=int(MAX_SECONDS)
+    )
     settings = {**audio.to_dict(), **image.to_dict()}
     # Arrays and computed state are rebuilt on load, not read.
     settings.pop("mel_filters", None)
